@@ -1,0 +1,52 @@
+"""Classification metrics (torchmetrics) shared by the Lightning system and custom loops."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassF1Score,
+    MultilabelAccuracy,
+    MultilabelAUROC,
+    MultilabelF1Score,
+)
+
+
+def build_metrics(task: str, num_classes: int) -> MetricCollection:
+    """acc, macro F1, per-class accuracy and AUROC (macro + per class) for the task."""
+    if task == "multilabel":
+        n = num_classes
+        return MetricCollection({
+            "acc": MultilabelAccuracy(n, average="micro"),
+            "f1_macro": MultilabelF1Score(n, average="macro"),
+            "acc_per_class": MultilabelAccuracy(n, average=None),
+            "auroc_macro": MultilabelAUROC(n, average="macro"),
+            "auroc_per_class": MultilabelAUROC(n, average=None),
+        })
+    c = num_classes
+    return MetricCollection({
+        "acc": MulticlassAccuracy(c, average="micro"),
+        "f1_macro": MulticlassF1Score(c, average="macro"),
+        "acc_per_class": MulticlassAccuracy(c, average=None),
+        "auroc_macro": MulticlassAUROC(c, average="macro"),
+        "auroc_per_class": MulticlassAUROC(c, average=None),
+    })
+
+
+def split_scalars(values: dict[str, torch.Tensor], prefix: str,
+                  class_names: list[str]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Scalar metrics as ``{prefix/name: value}`` and vector ones as ``{prefix/name: {class: v}}``."""
+    scalars, per_class = {}, {}
+    for name, v in values.items():
+        v = v.detach().float().cpu()
+        if v.ndim == 0:
+            scalars[f"{prefix}/{name}"] = float(v)
+        else:
+            per_class[f"{prefix}/{name}"] = {c: float(x) for c, x in zip(class_names, v.tolist())}
+    return scalars, per_class
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    return torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=-1)

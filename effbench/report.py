@@ -1,0 +1,34 @@
+"""The short human summary printed at the end of a run."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def print_report(s: dict[str, Any], stream: Any = None) -> None:
+    out = stream or sys.stdout
+    c = s["choices"]
+    what = f"{c['strategy']} / {c['backbone']} / {c['dataset']} (seed {c['seed']})"
+    if s["status"] != "completed":
+        print(f"effbench: error: {s['error']}", file=sys.stderr)
+        print(f"effbench: {what} failed; details in {s['run_dir']}/summary.json", file=out)
+        return
+    m, t, e = s["metrics"], s["time_s"], s["energy"]
+    headline = "auroc_macro" if s["data"].get("task") == "multilabel" else "acc"
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in t.items() if k != "total")
+    lines = [
+        f"effbench: {what} completed in {t['total']:.1f} s",
+        f"  test {headline} {_fmt(m.get('test/' + headline))}   f1_macro "
+        f"{_fmt(m.get('test/f1_macro'))}   auroc_macro {_fmt(m.get('test/auroc_macro'))}",
+        f"  time s: {phases}   throughput {_fmt(s['throughput_img_s'], '.0f')} img/s   "
+        f"epochs {s['epochs']}",
+        f"  energy {_fmt(e.get('kwh'), '.3g')} kWh   CO2 {_fmt(e.get('co2_kg'), '.3g')} kg   "
+        f"params {s['model']['params_total']:,} ({s['model']['params_trainable']:,} trainable)",
+        f"  outputs: {s['run_dir']} (summary.json, csv/metrics.csv, tb/)",
+    ]
+    print("\n".join(lines), file=out)

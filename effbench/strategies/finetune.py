@@ -1,0 +1,13 @@
+"""``finetune``: the baseline — every parameter of the (pretrained) backbone and the new head trains.
+
+Nothing to change around the shared fit: Adam (or SGD/AdamW), ReduceLROnPlateau and early stopping
+on the validation loss, the best checkpoint is tested (the CheXNet study's recipe).
+"""
+
+from __future__ import annotations
+
+from effbench.strategies.base import Strategy
+
+
+class Finetune(Strategy):
+    """Full fine-tuning; the reference every other strategy is compared against."""

@@ -1,0 +1,91 @@
+"""The LightningModule: a backbone (plain ``nn.Module``) + a head, trained as a classifier."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from effbench.metrics import build_metrics, split_scalars
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+class ClassifierSystem(pl.LightningModule):
+    """Backbone → head → loss, with torchmetrics for val/test and ReduceLROnPlateau on val loss."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, loss: nn.Module, task: str,
+                 class_names: list[str], optim: dict[str, Any], scheduler: dict[str, Any] | None,
+                 monitor: str = "val/loss") -> None:
+        super().__init__()
+        self.backbone, self.head, self.loss_fn = backbone, head, loss
+        self.task, self.class_names = task, list(class_names)
+        self.optim, self.scheduler_cfg, self.monitor = dict(optim), scheduler, monitor
+        n = len(class_names)
+        self.val_metrics = build_metrics(task, n)
+        self.test_metrics = build_metrics(task, n)
+        self.best_val: dict[str, float] = {}
+        self.test_results: dict[str, Any] = {}
+        self.val_history: list[dict[str, float]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def _targets(self, y: torch.Tensor) -> torch.Tensor:
+        return y.long() if self.task == "multilabel" else y
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss_fn(self(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=len(y), sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", self.loss_fn(logits, y), on_epoch=True, prog_bar=True,
+                 batch_size=len(y), sync_dist=True)
+        self.val_metrics.update(logits.float(), self._targets(y))
+
+    def on_validation_epoch_end(self) -> None:
+        scalars, _ = split_scalars(self.val_metrics.compute(), "val", self.class_names)
+        self.val_metrics.reset()
+        self.log_dict(scalars, prog_bar=False, sync_dist=False)
+        if self.trainer.sanity_checking:
+            return
+        loss = self.trainer.callback_metrics.get("val/loss")
+        row = {**scalars, "val/loss": float(loss) if loss is not None else float("nan"),
+               "epoch": self.current_epoch}
+        self.val_history.append(row)
+        if not self.best_val or row["val/loss"] < self.best_val.get("val/loss", float("inf")):
+            self.best_val = row
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("test/loss", self.loss_fn(logits, y), on_epoch=True, batch_size=len(y),
+                 sync_dist=True)
+        self.test_metrics.update(logits.float(), self._targets(y))
+
+    def on_test_epoch_end(self) -> None:
+        scalars, per_class = split_scalars(self.test_metrics.compute(), "test", self.class_names)
+        self.test_metrics.reset()
+        self.log_dict(scalars)
+        self.test_results = {"scalars": scalars, "per_class": per_class}
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        name = self.optim.get("name", "adam")
+        kwargs = {"lr": self.optim["lr"], "weight_decay": self.optim.get("weight_decay", 0.0)}
+        if name == "sgd":  # the only optimizer here with a momentum argument
+            kwargs["momentum"] = self.optim.get("momentum", 0.9)
+        opt = OPTIMIZERS[name](params, **kwargs)
+        if not self.scheduler_cfg:
+            return opt
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=self.scheduler_cfg["factor"],
+            patience=self.scheduler_cfg["patience"], min_lr=self.scheduler_cfg["min_lr"])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor}}
