@@ -29,10 +29,13 @@ class EnergyTracker:
             os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")
             from codecarbon import OfflineEmissionsTracker
 
+            self.output_dir.mkdir(parents=True, exist_ok=True)  # codecarbon fails silently if not
+
             self._tracker = OfflineEmissionsTracker(
                 country_iso_code=self.country, output_dir=str(self.output_dir),
                 output_file="emissions.csv", log_level="error", save_to_file=True,
                 measure_power_secs=self.measure_power_secs, tracking_mode="process",
+                allow_multiple_runs=True,  # parallel sweep jobs each keep their own tracker
                 project_name="effbench")
             self._tracker.start()
         except Exception as err:  # noqa: BLE001 - measurement must never kill a run
@@ -46,7 +49,10 @@ class EnergyTracker:
                     "source": "codecarbon", "error": self.error or "disabled"}
         try:
             co2 = self._tracker.stop()
-            data = self._tracker.final_emissions_data
+            # stop() swallows its own errors; no final data means the measurement failed.
+            data = getattr(self._tracker, "final_emissions_data", None)
+            if data is None:
+                raise RuntimeError("codecarbon recorded no emissions data")
             return {"kwh": float(data.energy_consumed), "co2_kg": float(co2 or 0.0),
                     "country": self.country, "source": "codecarbon",
                     "cpu_power_w": float(data.cpu_power), "gpu_power_w": float(data.gpu_power),

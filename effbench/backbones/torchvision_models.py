@@ -196,10 +196,11 @@ def _imagenet_model(arch: str) -> nn.Module:
     except Exception as err:
         # Offline (URLError), disk (OSError), corrupt or truncated download (RuntimeError, EOFError,
         # hash mismatch): whatever the cause, the user's fixes are the same.
+        reason = f"{type(err).__name__}: {str(err).strip()[:200]}"
         raise EffbenchError(
             f"Could not fetch torchvision's ImageNet weights for {arch} into the torch cache "
-            f"{torch.hub.get_dir()} ({type(err).__name__}: {str(err).strip()[:200]}); download them there once with "
-            f"network access, or set backbone.weights=null (random init) or "
+            f"{torch.hub.get_dir()} ({reason}); download them there once with network access, "
+            f"or set backbone.weights=null (random init) or "
             f"backbone.weights=/path/to/state_dict.pt (a local file)."
         ) from err
 
@@ -215,8 +216,17 @@ def build_torchvision_backbone(arch: str, image_size: int | None = None,
     split = split_model(model)
     backbone = Backbone(arch, split.stages, split.head.in_features,
                         preprocessing_for(arch, image_size))
-    backbone.register_load_state_dict_pre_hook(_torchvision_keys(model, backbone, split.head))
+    _add_load_pre_hook(backbone, _torchvision_keys(model, backbone, split.head))
     return backbone
+
+
+def _add_load_pre_hook(module: nn.Module, hook: TorchvisionKeys) -> None:
+    # The public API arrived in torch 2.5; the private one (same hook signature with
+    # with_module=True) covers torch 2.4, which pyproject still allows.
+    register = getattr(module, "register_load_state_dict_pre_hook", None)
+    if register is None:
+        register = partial(module._register_load_state_dict_pre_hook, with_module=True)
+    register(hook)
 
 
 TORCHVISION_BACKBONES: dict[str, Callable[..., Backbone]] = {

@@ -186,7 +186,7 @@ def test_imagenet_fetch_failure_is_one_clear_error(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    monkeypatch.setattr(torch.hub, "urlopen", offline)
+    monkeypatch.setattr(torch.hub, "urlopen", offline, raising=False)
     with pytest.raises(EffbenchError, match="backbone.weights=null") as info:
         build_backbone("resnet18", weights="imagenet")
     assert str(tmp_path) in str(info.value)
