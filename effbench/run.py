@@ -20,6 +20,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
+from effbench.compare.hparams import log_hparams
 from effbench.data.base import ImageDataModule
 from effbench.errors import EffbenchError
 from effbench.hardware import device_name, trainer_kwargs
@@ -165,6 +166,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
         summary["strategy"] = {**strategy.describe(), **ctx.extra, **strategy.finalize(ctx)}
         summary["energy"] = tracker.stop()
         _fill_results(summary, ctx)
+        if rank_zero_only.rank == 0:
+            log_hparams(ctx, summary)  # TensorBoard's HParams tab: config + final metrics
         summary["status"] = "completed"
     except EffbenchError as err:
         summary["error"] = str(err)

@@ -24,6 +24,7 @@ class ClassifierSystem(pl.LightningModule):
         self.task, self.class_names = task, list(class_names)
         self.optim, self.scheduler_cfg, self.monitor = dict(optim), scheduler, monitor
         n = len(class_names)
+        self.train_acc = build_metrics(task, n)["acc"].clone()  # for the train–val gap
         self.val_metrics = build_metrics(task, n)
         self.test_metrics = build_metrics(task, n)
         self.best_val: dict[str, float] = {}
@@ -38,9 +39,12 @@ class ClassifierSystem(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
-        loss = self.loss_fn(self(x), y)
+        logits = self(x)
+        loss = self.loss_fn(logits, y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(y), sync_dist=True)
+        self.train_acc(logits.detach().float(), self._targets(y))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
@@ -53,7 +57,7 @@ class ClassifierSystem(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         scalars, _ = split_scalars(self.val_metrics.compute(), "val", self.class_names)
         self.val_metrics.reset()
-        self.log_dict(scalars, prog_bar=False, sync_dist=False)
+        self.log_dict(scalars, prog_bar=False, sync_dist=True)  # identical on every rank
         if self.trainer.sanity_checking:
             return
         loss = self.trainer.callback_metrics.get("val/loss")
@@ -73,7 +77,7 @@ class ClassifierSystem(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         scalars, per_class = split_scalars(self.test_metrics.compute(), "test", self.class_names)
         self.test_metrics.reset()
-        self.log_dict(scalars)
+        self.log_dict(scalars, sync_dist=True)
         self.test_results = {"scalars": scalars, "per_class": per_class}
 
     def configure_optimizers(self) -> Any:

@@ -1,0 +1,74 @@
+"""``effbench-compare PATH…``: side-by-side table and plots of logged runs, relative to a baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from effbench.compare.group import DEFAULT_BASELINE, compare
+from effbench.compare.load import find_summaries, load_runs
+from effbench.compare.plots import write_plots
+from effbench.compare.table import terminal_text, write_tables
+from effbench.errors import EffbenchError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="effbench-compare",
+        description="Compare effbench runs: every summary.json below the paths, grouped by the "
+                    "config keys that vary, mean ± std over seeds, deltas to a baseline; writes "
+                    "compare.md, compare.csv, runs.csv and PNG plots.")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="run dirs, sweep dirs (outputs/multirun/<date>) or glob patterns")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: compare/ inside the first path)")
+    p.add_argument("--metric", default=None,
+                   help="headline metric (default: test/acc; test/auroc_macro when multilabel)")
+    p.add_argument("--baseline", action="append", default=None, metavar="KEY=VALUE",
+                   help=f"the reference configuration, matched on the other keys (default: "
+                        f"{DEFAULT_BASELINE} when such runs exist); repeat or comma-join for "
+                        f"several keys")
+    p.add_argument("--by", action="append", default=None, metavar="KEY",
+                   help="group by these config keys instead of the ones that vary (repeatable)")
+    p.add_argument("--sort", default=None,
+                   help="metric (best first), time, co2, params, size, or a config key")
+    p.add_argument("--best-so-far", action="store_true",
+                   help="learning curves as the running best (the dynamic study's elitism)")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    return p
+
+
+def default_out(first: str) -> Path:
+    path = Path(first)
+    if not path.exists():  # a glob: the folder of its first summary
+        path = find_summaries([first])[0].parent
+    return (path.parent if path.is_file() else path) / "compare"
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    by = [k for item in args.by for k in item.split(",")] if args.by else None
+    runs = load_runs(args.paths)
+    comp = compare(runs, metric=args.metric, by=by, baseline=args.baseline)
+    out = args.out or default_out(args.paths[0])
+    images, skipped = ([], []) if args.no_plots else write_plots(comp, out, args.best_so_far)
+    files = write_tables(comp, out, args.sort, images)
+    print(terminal_text(comp, args.sort))
+    print(f"\nwrote {', '.join(str(p) for p in [*files, *images])}")
+    for note in skipped:
+        print(f"  {note}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        sys.exit(run(argv))
+    except EffbenchError as err:
+        print(f"effbench-compare: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Group runs by the config keys that vary, aggregate over seeds, and compare to a baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from effbench.compare.keys import CHOICE_KEYS, canon
+from effbench.errors import EffbenchError
+
+TIME, CO2 = "train_s", "energy.co2_kg"
+PARAMS, SIZE = "model.params_trainable", "model.size_bytes"
+ALWAYS = [TIME, "time_s.total", CO2, "energy.kwh", PARAMS, "model.params_total", SIZE, "epochs"]
+DEFAULT_BASELINE = "strategy=finetune"
+
+
+@dataclass
+class Comparison:
+    """The aggregated table (one row per configuration) and what it was built from."""
+
+    runs: pd.DataFrame
+    table: pd.DataFrame
+    keys: list[str]
+    metric: str
+    baseline: dict[str, str] = field(default_factory=dict)
+    common: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def completed(self) -> pd.DataFrame:
+        return self.runs[self.runs["status"] == "completed"]
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        return self.runs[self.runs["status"] != "completed"]
+
+
+def headline_metric(runs: pd.DataFrame, metric: str | None) -> str:
+    """``--metric`` if given (it must exist), else accuracy — macro AUROC when all runs are
+    multilabel (accuracy there rewards predicting no label at all)."""
+    done = runs[runs["status"] == "completed"]
+    if metric is None:
+        multilabel = len(done) and (done["task"] == "multilabel").all()
+        metric = "test/auroc_macro" if multilabel else "test/acc"
+    if metric not in done.columns or done[metric].isna().all():
+        known = sorted(c for c in done.columns if "/" in c)
+        raise EffbenchError(f"metric {metric} is in no completed run; use --metric with one of "
+                            f"{', '.join(known) or '(none: no run completed)'}.")
+    return metric
+
+
+def varying_keys(runs: pd.DataFrame, by: list[str] | None) -> list[str]:
+    """``--by`` keys if given, else the config keys with more than one value (the seed excepted:
+    seeds are what we average over)."""
+    config_keys = runs.attrs["config_keys"]
+    if by:
+        unknown = [k for k in by if k not in config_keys]
+        if unknown:
+            raise EffbenchError(f"--by {unknown[0]} is not a config key of these runs; use one "
+                                f"of {', '.join(config_keys)}.")
+        return list(by)
+    keys = [k for k in config_keys if k != "seed" and runs[k].nunique() > 1]
+    return keys or ["strategy"]
+
+
+def parse_baseline(specs: list[str]) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        for item in spec.split(","):
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise EffbenchError(f"--baseline {item} is not KEY=VALUE; write e.g. "
+                                    f"--baseline {DEFAULT_BASELINE}.")
+            out[key.strip()] = canon(value)
+    return out
+
+
+def aggregate(runs: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
+    """Mean, std (``<col>_std``) and ``n`` over the completed runs of each configuration;
+    ``failed`` counts the failed ones (a configuration whose runs all failed keeps its row)."""
+    done = runs[runs["status"] == "completed"]
+    numeric = [c for c in done.columns if c not in runs.attrs["config_keys"]
+               and pd.api.types.is_numeric_dtype(done[c])]
+    columns = [metric, *[c for c in ALWAYS if c in numeric and c != metric],
+               *[c for c in numeric if c not in ALWAYS and c != metric]]
+    grouped = done.groupby(keys, sort=False, dropna=False)[columns]
+    table = grouped.mean().join(grouped.std().add_suffix("_std"))
+    table["n"] = grouped.size()
+    failed = runs[runs["status"] != "completed"].groupby(keys, sort=False, dropna=False).size()
+    table = table.reindex(table.index.union(failed.index, sort=False)) if len(failed) else table
+    table["n"] = table["n"].fillna(0).astype(int)
+    table["failed"] = failed.reindex(table.index).fillna(0).astype(int)
+    return table.reset_index()
+
+
+def resolve_baseline(runs: pd.DataFrame, specs: list[str] | None,
+                     keys: list[str]) -> dict[str, str]:
+    """The explicit ``--baseline`` (it must match a completed run), else ``strategy=finetune``
+    when the strategy varies and finetune runs exist, else none."""
+    explicit = bool(specs)
+    baseline = parse_baseline(specs or [DEFAULT_BASELINE])
+    done = runs[runs["status"] == "completed"]
+    for key, value in baseline.items():
+        if key not in runs.attrs["config_keys"]:
+            if not explicit:
+                return {}
+            raise EffbenchError(f"--baseline key {key} is not a config key of these runs; use "
+                                f"one of {', '.join(runs.attrs['config_keys'])}.")
+        if not (done[key] == value).any():
+            if not explicit:
+                return {}
+            have = ", ".join(sorted(done[key].unique())) or "(no completed run)"
+            raise EffbenchError(f"--baseline {key}={value} matches no completed run; "
+                                f"{key} has {have}.")
+    if not explicit and not set(baseline) & set(keys):
+        return {}  # every run is finetune: comparing each configuration with itself says nothing
+    return baseline
+
+
+def _paired_pp_std(runs: pd.DataFrame, metric: str, row: dict, base: dict,
+                   keys: list[str]) -> float:
+    """Std over seeds of the per-seed metric difference (pp), where both sides ran that seed."""
+    def per_seed(values: dict) -> pd.Series:
+        mask = np.logical_and.reduce([runs[k] == values[k] for k in keys])
+        sel = runs[mask & (runs["status"] == "completed")]
+        return sel.groupby("seed")[metric].mean()
+
+    diff = (per_seed(row) - per_seed(base)).dropna() * 100
+    return float(diff.std()) if len(diff) > 1 else float("nan")
+
+
+def add_deltas(table: pd.DataFrame, runs: pd.DataFrame, keys: list[str], metric: str,
+               baseline: dict[str, str]) -> pd.DataFrame:
+    """Per configuration, its difference from the baseline configuration with the same values of
+    every other key: metric in percentage points, time / CO₂ / trainable params / size in %,
+    and speed-up / CO₂ reduction factors (baseline ÷ this)."""
+    other = [k for k in keys if k not in baseline]
+    is_base = np.logical_and.reduce([table[k] == v for k, v in baseline.items()])
+    table = table.assign(baseline=is_base)
+    bases = table[is_base & (table["n"] > 0)]
+    bases = bases.set_index(other) if other else bases
+    cols: dict[str, list[float]] = {c: [] for c in
+                                    ("d_metric_pp", "d_metric_pp_std", "d_train_pct", "speedup",
+                                     "d_co2_pct", "co2_factor", "d_params_pct", "d_size_pct")}
+    for _, row in table.iterrows():
+        base = _lookup(bases, row, other)
+        for name, value in _deltas(row, base, metric).items():
+            cols[name].append(value)
+        cols["d_metric_pp_std"].append(
+            _paired_pp_std(runs, metric, row, {**row, **baseline}, keys)
+            if base is not None else float("nan"))
+    return table.assign(**cols)
+
+
+def _lookup(bases: pd.DataFrame, row: pd.Series, other: list[str]) -> pd.Series | None:
+    if not other:
+        return bases.iloc[0] if len(bases) else None
+    key = tuple(row[k] for k in other)
+    try:
+        found = bases.loc[[key[0] if len(key) == 1 else key]]
+    except KeyError:
+        return None
+    return found.iloc[0]
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not pd.isna(a) and not pd.isna(b) else float("nan")
+
+
+def _deltas(row: pd.Series, base: pd.Series | None, metric: str) -> dict[str, float]:
+    if base is None:
+        return {k: float("nan") for k in ("d_metric_pp", "d_train_pct", "speedup", "d_co2_pct",
+                                          "co2_factor", "d_params_pct", "d_size_pct")}
+    get = lambda r, c: r.get(c, float("nan"))  # noqa: E731 - a column may be absent entirely
+    return {
+        "d_metric_pp": (get(row, metric) - get(base, metric)) * 100,
+        "d_train_pct": (_ratio(get(row, TIME), get(base, TIME)) - 1) * 100,
+        "speedup": _ratio(get(base, TIME), get(row, TIME)),
+        "d_co2_pct": (_ratio(get(row, CO2), get(base, CO2)) - 1) * 100,
+        "co2_factor": _ratio(get(base, CO2), get(row, CO2)),
+        "d_params_pct": (_ratio(get(row, PARAMS), get(base, PARAMS)) - 1) * 100,
+        "d_size_pct": (_ratio(get(row, SIZE), get(base, SIZE)) - 1) * 100,
+    }
+
+
+def compare(runs: pd.DataFrame, metric: str | None = None, by: list[str] | None = None,
+            baseline: list[str] | None = None) -> Comparison:
+    """The whole comparison: keys, aggregated table and (when there is a baseline) deltas."""
+    metric = headline_metric(runs, metric)
+    keys = varying_keys(runs, by)
+    base = resolve_baseline(runs, baseline, keys)
+    keys += [k for k in base if k not in keys]
+    table = aggregate(runs, keys, metric)
+    if base:
+        table = add_deltas(table, runs, keys, metric, base)
+    common = {k: runs[k].iloc[0] for k in runs.attrs["config_keys"]
+              if k not in keys and k != "seed" and runs[k].nunique() == 1}
+    return Comparison(runs=runs, table=table, keys=keys, metric=metric, baseline=base,
+                      common=common)
+
+
+def label(row: pd.Series | dict, keys: list[str]) -> str:
+    """``freeze, lr=0.0001``: group choices by value, overrides as short ``key=value``."""
+    shorts = [k.rsplit(".", 1)[-1] for k in keys]
+    parts = []
+    for key, short in zip(keys, shorts):
+        name = key if shorts.count(short) > 1 else short
+        parts.append(str(row[key]) if key in CHOICE_KEYS else f"{name}={row[key]}")
+    return ", ".join(parts)
+
+
+def study_lines(comp: Comparison) -> list[str]:
+    """The studies' sentence per compared value: mean (± std over configurations) of the deltas,
+    e.g. ``precomputed vs finetune: test/acc +0.27 pp (±3.48), time −87.8 % (±5.6), …``."""
+    if not comp.baseline or "d_metric_pp" not in comp.table:
+        return []
+    t = comp.table[~comp.table["baseline"] & comp.table["d_metric_pp"].notna()]
+    bkeys = list(comp.baseline)
+    base_name = ", ".join(comp.baseline.values())
+    lines = []
+    for values, grp in t.groupby(bkeys, sort=False):
+        name = ", ".join(values if isinstance(values, tuple) else (values,))
+        parts = [_mean_std(grp["d_metric_pp"], f"{comp.metric} ", " pp", signed=True),
+                 _mean_std(grp["d_train_pct"], "training time ", " %", signed=True),
+                 _mean_std(grp["speedup"], "speed-up ×", "", signed=False),
+                 _mean_std(grp["d_co2_pct"], "CO₂ ", " %", signed=True),
+                 _mean_std(grp["d_params_pct"], "trainable params ", " %", signed=True)]
+        n = f"{len(grp)} configuration{'s' * (len(grp) != 1)}"
+        lines.append(f"{name} vs {base_name} ({n}): " + ", ".join(p for p in parts if p))
+    return lines
+
+
+def _mean_std(values: pd.Series, prefix: str, unit: str, signed: bool) -> str:
+    values = values.dropna()
+    if values.empty:
+        return ""
+    text = f"{values.mean():+.2f}" if signed else f"{values.mean():.2f}"
+    text = text.replace("-", "−")
+    spread = f" (±{values.std():.2f})" if len(values) > 1 else ""
+    return f"{prefix}{text}{unit}{spread}"

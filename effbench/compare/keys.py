@@ -1,0 +1,48 @@
+"""A run's config keys and training time from its summary (no pandas: every run imports this)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# Config groups recorded in ``summary["choices"]`` (their ``group=option`` overrides say the same).
+CHOICE_KEYS = ("strategy", "backbone", "dataset", "hardware", "experiment")
+# Phases that are not training: the study's "training time" leaves data loading and testing out.
+NON_TRAIN_PHASES = {"setup", "eval", "total"}
+
+
+def canon(value: Any) -> str:
+    """One spelling per value, so ``1e-3``, ``0.001`` and ``1.0e-03`` group (and match) together."""
+    text = str(value).strip()
+    if text.lower() in ("true", "false", "null", "none"):
+        return {"none": "null"}.get(text.lower(), text.lower())
+    try:
+        return str(int(text))
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return repr(number) if math.isfinite(number) else text
+
+
+def config_of(summary: dict[str, Any]) -> dict[str, str]:
+    """The run's config keys: the group choices, the seed and every ``key=value`` override."""
+    choices = summary.get("choices", {})
+    config = {k: canon(choices[k]) for k in CHOICE_KEYS if choices.get(k) is not None}
+    for item in summary.get("overrides", []):
+        key, sep, value = item.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key.startswith("hydra.") or key in CHOICE_KEYS or key == "seed":
+            continue
+        config[key] = canon(value)
+    config["seed"] = canon(choices.get("seed"))
+    return config
+
+
+def train_time(time_s: dict[str, float]) -> float | None:
+    """Time spent training: every recorded phase except set-up and evaluation (BN adaptation and
+    feature extraction count, as in the precomputed-features study)."""
+    phases = [v for k, v in time_s.items() if k not in NON_TRAIN_PHASES and v is not None]
+    return sum(phases) if phases else time_s.get("total")

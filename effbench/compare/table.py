@@ -1,0 +1,132 @@
+"""The comparison as text: a terminal table, a Markdown report and CSV files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from effbench.compare.group import CO2, PARAMS, SIZE, TIME, Comparison, label, study_lines
+
+# --sort names for the usual columns; anything else is a column or config key of the table.
+SORT_ALIASES = {"metric": None, "time": TIME, "co2": CO2, "params": PARAMS, "size": SIZE}
+
+
+def sort_table(comp: Comparison, sort: str | None) -> pd.DataFrame:
+    """Best first for the headline metric (lowest for a loss); smallest first for the rest."""
+    from effbench.errors import EffbenchError
+
+    table = comp.table
+    if sort is None:
+        return table
+    column = SORT_ALIASES.get(sort, sort) or comp.metric
+    if column not in table.columns:
+        choices = [*SORT_ALIASES, *comp.keys]
+        raise EffbenchError(f"--sort {sort} is not a column of the table; use one of "
+                            f"{', '.join(choices)}.")
+    descending = column == comp.metric and "loss" not in column
+    return table.sort_values(column, ascending=not descending, kind="stable",
+                             na_position="last").reset_index(drop=True)
+
+
+def _num(v: float, spec: str) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _pm(row: pd.Series, col: str, spec: str, scale: float = 1.0) -> str:
+    mean, std = row.get(col), row.get(f"{col}_std")
+    if mean is None or pd.isna(mean):
+        return "–"
+    text = format(mean * scale, spec)
+    return text if pd.isna(std) else f"{text} ± {format(std * scale, spec)}"
+
+
+def _signed(v: float, unit: str, spec: str = "+.1f") -> str:
+    return "" if pd.isna(v) else f"{format(v, spec)}{unit}".replace("-", "−")
+
+
+def display_table(comp: Comparison, sort: str | None = None) -> pd.DataFrame:
+    """The human table: configuration keys, mean ± std (n), costs, and deltas to the baseline."""
+    rows = []
+    has_deltas = "d_metric_pp" in comp.table
+    short = comp.metric.split("/", 1)[-1]
+    for _, r in sort_table(comp, sort).iterrows():
+        out = {k: r[k] for k in comp.keys}
+        out["n"] = f"{r['n']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
+        out[comp.metric] = _pm(r, comp.metric, ".4f")
+        out["train s"] = _pm(r, TIME, ".1f")
+        out["CO₂ g"] = _pm(r, CO2, ".3g", 1000.0)
+        out["trainable"] = _num(r.get(PARAMS), ",.0f")
+        out["size MB"] = _num(r.get(SIZE, float("nan")) / 1e6, ".2f")
+        if has_deltas:
+            out.update(_delta_cells(r, short))
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def _delta_cells(r: pd.Series, short: str) -> dict[str, str]:
+    if r["baseline"]:
+        return {f"Δ {short} pp": "baseline", "Δ time": "", "speed-up": "", "Δ CO₂": "",
+                "Δ trainable": "", "Δ size": ""}
+    pp = _signed(r["d_metric_pp"], "", "+.2f")
+    if pp and not pd.isna(r["d_metric_pp_std"]):
+        pp += f" ± {r['d_metric_pp_std']:.2f}"
+    return {f"Δ {short} pp": pp, "Δ time": _signed(r["d_train_pct"], " %"),
+            "speed-up": _num(r["speedup"], ".2f") and f"×{r['speedup']:.2f}",
+            "Δ CO₂": _signed(r["d_co2_pct"], " %"),
+            "Δ trainable": _signed(r["d_params_pct"], " %"),
+            "Δ size": _signed(r["d_size_pct"], " %")}
+
+
+def failed_lines(comp: Comparison) -> list[str]:
+    keys = [*comp.keys, "seed"] if "seed" not in comp.keys else comp.keys
+    return [f"{label(r, keys)}: {r['error']} ({r['run_dir']})"
+            for _, r in comp.failed.iterrows()]
+
+
+def header_lines(comp: Comparison) -> list[str]:
+    done, total = len(comp.completed), len(comp.runs)
+    lines = [f"{total} runs ({done} completed, {total - done} failed); metric {comp.metric}; "
+             f"grouped by {', '.join(comp.keys)}; mean ± std over seeds; train s excludes "
+             "set-up and test"]
+    if comp.common:
+        lines.append("common: " + ", ".join(f"{k}={v}" for k, v in comp.common.items()))
+    if comp.baseline:
+        lines.append("baseline: " + ", ".join(f"{k}={v}" for k, v in comp.baseline.items())
+                     + " (matched on the other keys)")
+    return lines
+
+
+def terminal_text(comp: Comparison, sort: str | None = None) -> str:
+    table = display_table(comp, sort).to_markdown(index=False, tablefmt="simple",
+                                                  disable_numparse=True)
+    parts = ["\n".join(header_lines(comp)), table]
+    if study := study_lines(comp):
+        parts.append("\n".join(study))
+    if failed := failed_lines(comp):
+        parts.append("failed runs:\n" + "\n".join(f"  {line}" for line in failed))
+    return "\n\n".join(parts)
+
+
+def markdown_text(comp: Comparison, sort: str | None = None, images: list[Path] = ()) -> str:
+    table = display_table(comp, sort).to_markdown(index=False, disable_numparse=True)
+    parts = ["# effbench-compare", "\n".join(f"- {line}" for line in header_lines(comp)), table]
+    if study := study_lines(comp):
+        parts.append("\n".join(f"- {line}" for line in study))
+    if failed := failed_lines(comp):
+        parts.append("## Failed runs\n\n" + "\n".join(f"- {line}" for line in failed))
+    if images:
+        parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_tables(comp: Comparison, out: Path, sort: str | None,
+                 images: list[Path] = ()) -> list[Path]:
+    """``compare.md``, ``compare.csv`` (all aggregated numbers and deltas) and ``runs.csv``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "compare.md", out / "compare.csv", out / "runs.csv"]
+    paths[0].write_text(markdown_text(comp, sort, images))
+    sort_table(comp, sort).to_csv(paths[1], index=False)
+    comp.runs.to_csv(paths[2], index=False)
+    return paths

@@ -1,0 +1,55 @@
+"""``dynamic``: train on a subset A of α images, resampled when validation accuracy stalls.
+
+The dynamic-training study (CIFAR-10, 14-conv CNN): the base scheme replaces a fraction β of A by
+unseen images whenever the epoch-to-epoch accuracy change is below δ; the ``adaptive`` variant
+distinguishes type-I (no gain: resample the current A) and type-II (small gain: resample the best
+set A* with β = γⁿ·β₀). Controls: ``alpha=1.0`` (full set), ``resample=false`` (fixed subset).
+The logic lives in :mod:`effbench.sampling`; this class wires it into the shared fit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pytorch_lightning.callbacks import Callback
+
+from effbench.errors import EffbenchError
+from effbench.sampling import DynamicSampling, SubsetSchedule, resolve_alpha
+from effbench.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from effbench.run import RunContext
+
+
+class Dynamic(Strategy):
+    """Selective-adaptive sampling of the training split (base scheme or adaptive variant)."""
+
+    def __init__(self, name: str, variant: str = "base", alpha: float | int = 0.5,
+                 beta: float = 0.7, delta: float = 0.01, gamma: float = 0.97,
+                 resample: bool = True, decay_all: bool = False, metric: str = "val/acc",
+                 **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.variant, self.alpha, self.beta = variant, alpha, float(beta)
+        self.delta, self.gamma, self.resample = float(delta), float(gamma), bool(resample)
+        self.decay_all, self.metric = bool(decay_all), metric
+        self._sampling: DynamicSampling | None = None
+
+    def configure_model(self, ctx: RunContext) -> None:
+        """Builds A from the training split and makes the train loader iterate only A."""
+        n_total = len(ctx.datamodule.labels["train"])
+        seed = int(ctx.cfg.seed)
+        schedule = SubsetSchedule(n_total, resolve_alpha(self.alpha, n_total), self.beta,
+                                  self.delta, self.gamma, self.variant, self.resample,
+                                  self.decay_all, seed=seed)
+        self._sampling = DynamicSampling(schedule, self.metric, seed=seed)
+        ctx.datamodule.train_sampler = self._sampling.sampler
+
+    def callbacks(self, ctx: RunContext) -> list[Callback]:
+        if self._sampling is None:
+            raise EffbenchError("strategy=dynamic needs configure_model(ctx) before callbacks(); "
+                                "run it through effbench.run.")
+        return [*super().callbacks(ctx), self._sampling]
+
+    def finalize(self, ctx: RunContext) -> dict[str, Any]:
+        facts = self._sampling.schedule.summary() if self._sampling else {}
+        return {**facts, "images_trained": ctx.counter.images}
