@@ -1,0 +1,117 @@
+"""Framework overhead: effbench ``finetune`` (Lightning) vs a plain PyTorch loop, side by side.
+
+Same in-memory data (digits), same model (backbone + head), same optimizer, batch size and epochs,
+both validating once per epoch. Runs are interleaved and repeated; the medians are compared.
+
+    .venv/bin/python scripts/bench_overhead.py [--epochs 5] [--repeats 3] [--backbone small_cnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    import effbench.cli  # noqa: F401 - resolvers
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hcompose("config", overrides=overrides)
+    return cfg
+
+
+def effbench_fit(cfg, tmp: Path) -> tuple[float, int]:
+    """Train time (s) and images processed through the real strategy path."""
+    from hydra.utils import instantiate
+
+    from effbench.run import build_context
+
+    torch.manual_seed(0)
+    strategy = instantiate(cfg.strategy, _convert_="all")
+    strategy.checkpoint = False  # the plain loop writes no checkpoints either
+    ctx = build_context(cfg, tmp, strategy)
+    trainer = ctx.make_trainer(strategy.callbacks(ctx), logger=False)
+    start = time.perf_counter()
+    trainer.fit(ctx.system, datamodule=ctx.datamodule)
+    return time.perf_counter() - start, ctx.counter.images
+
+
+def plain_fit(cfg, tmp: Path) -> tuple[float, int]:
+    """The same training written as a bare PyTorch loop (the lower bound on overhead)."""
+    from hydra.utils import instantiate
+
+    from effbench.run import build_context
+
+    torch.manual_seed(0)
+    strategy = instantiate(cfg.strategy, _convert_="all")
+    ctx = build_context(cfg, tmp, strategy)
+    dm, model = ctx.datamodule, ctx.system
+    opt = torch.optim.Adam(model.parameters(), lr=strategy.lr)
+    images = 0
+    start = time.perf_counter()
+    for _ in range(int(cfg.trainer.max_epochs)):
+        model.train()
+        for x, y in dm.loader("train"):
+            x = dm.normalize(x, train=True)
+            loss = model.loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            images += len(y)
+        model.eval()
+        with torch.no_grad():
+            for x, y in dm.loader("val"):
+                model.val_metrics.update(model(dm.normalize(x)), y)
+            model.val_metrics.compute()
+            model.val_metrics.reset()
+    return time.perf_counter() - start, images
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--backbone", default="small_cnn")
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--image-size", type=int, default=32)
+    args = ap.parse_args()
+    cfg = compose([f"backbone={args.backbone}", f"dataset={args.dataset}",
+                   f"dataset.image_size={args.image_size}", "backbone.weights=null",
+                   f"trainer.max_epochs={args.epochs}", "trainer.progress_bar=false",
+                   "hardware=cpu" if not torch.cuda.is_available() else "hardware=auto",
+                   "strategy.scheduler=null", "strategy.early_stopping=null"])
+    OmegaConf.set_struct(cfg, False)
+    import tempfile
+
+    times: dict[str, list[float]] = {"effbench": [], "plain": []}
+    imgs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for name, fn in (("effbench", effbench_fit), ("plain", plain_fit)):
+                t, n = fn(cfg, Path(tmp) / f"{name}{r}")
+                times[name].append(t)
+                imgs[name] = n
+                print(f"  repeat {r}: {name:8s} {t:7.2f} s  {n / t:8.0f} img/s", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    thr = {k: imgs[k] / med[k] for k in med}
+    print(f"\n{args.backbone} on {args.dataset} @ {args.image_size}px, {args.epochs} epochs, "
+          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    print(f"  plain PyTorch loop : {thr['plain']:8.0f} img/s (median {med['plain']:.2f} s)")
+    print(f"  effbench finetune  : {thr['effbench']:8.0f} img/s (median {med['effbench']:.2f} s)")
+    print(f"  overhead           : {100 * (med['effbench'] / med['plain'] - 1):+.1f} % time")
+
+
+if __name__ == "__main__":
+    main()
