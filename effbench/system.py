@@ -80,10 +80,16 @@ class ClassifierSystem(pl.LightningModule):
         self.log_dict(scalars, sync_dist=True)
         self.test_results = {"scalars": scalars, "per_class": per_class}
 
+    def scaled_lr(self) -> float:
+        """``hardware.lr_scaling=linear``: lr × world size (the effective batch grows with it)."""
+        world = self._trainer.world_size if self._trainer is not None else 1
+        factor = world if self.optim.get("lr_scaling") == "linear" else 1
+        return float(self.optim["lr"]) * factor
+
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         name = self.optim.get("name", "adam")
-        kwargs = {"lr": self.optim["lr"], "weight_decay": self.optim.get("weight_decay", 0.0)}
+        kwargs = {"lr": self.scaled_lr(), "weight_decay": self.optim.get("weight_decay", 0.0)}
         if name == "sgd":  # the only optimizer here with a momentum argument
             kwargs["momentum"] = self.optim.get("momentum", 0.9)
         opt = OPTIMIZERS[name](params, **kwargs)

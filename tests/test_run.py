@@ -93,3 +93,22 @@ def test_class_weighted_bce_formula() -> None:
     loss = WeightedBCE(y.sum(0), len(y))
     # label 0: 1 positive of 4 → w+ = 3/4, w- = 1/4; label 1: 2 of 4 → 1/2, 1/2
     assert loss.w_pos.tolist() == [0.75, 0.5] and loss.w_neg.tolist() == [0.25, 0.5]
+
+
+@pytest.mark.parametrize(("scaling", "expected"), [("linear", 4e-3), ("none", 1e-3)])
+def test_lr_scaled_by_world_size(scaling: str, expected: float) -> None:
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from effbench.losses import CrossEntropy
+    from effbench.system import ClassifierSystem
+
+    system = ClassifierSystem(nn.Flatten(), nn.Linear(4, 2), CrossEntropy(), "multiclass",
+                              ["a", "b"], {"name": "adam", "lr": 1e-3, "lr_scaling": scaling},
+                              None)
+    system._trainer = SimpleNamespace(world_size=4)
+    opt = system.configure_optimizers()
+    assert isinstance(opt, torch.optim.Adam)
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected)
