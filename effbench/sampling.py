@@ -109,7 +109,7 @@ class SubsetSchedule:
         self.best_acc: float | None = None
         self.prior_acc: float | None = None
         self.seen = torch.zeros(self.n_total, dtype=torch.bool)
-        self.epoch = 0  # epochs decided so far (the study's n of the last decision)
+        self.epoch = 0  # the 1-based epoch n of the last decision (0: none yet)
         self.history: list[dict[str, Any]] = []
 
     # -- the rule -------------------------------------------------------------------------------
@@ -123,10 +123,14 @@ class SubsetSchedule:
         mask[subset] = False
         return mask.nonzero().flatten()
 
-    def step(self, acc: float) -> dict[str, Any]:
-        """Record epoch n's accuracy (A was its training set), then maybe resample A."""
-        self.epoch += 1
-        n, trained = self.epoch, self.subset
+    def step(self, acc: float, n: int | None = None) -> dict[str, Any]:
+        """Record epoch n's accuracy (A was its training set), then maybe resample A.
+
+        ``n`` is the 1-based epoch (default: the one after the last decision); epochs without a
+        validation run simply have no decision.
+        """
+        self.epoch = n = self.epoch + 1 if n is None else int(n)
+        trained = self.subset
         self.seen[trained] = True
         if self.best_acc is None or acc > self.best_acc:
             self.best_acc, self.best_subset = acc, trained.clone()
@@ -259,7 +263,8 @@ class DynamicSampling(Callback):
         # ModelCheckpoint is always ordered last, so this runs before the epoch's checkpoint.
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        if self.schedule.epoch != trainer.current_epoch:  # already decided for this epoch
+        n = trainer.current_epoch + 1  # the study's 1-based epoch number
+        if self.schedule.epoch >= n:  # already decided for this epoch (e.g. a second val run)
             return
         value = trainer.callback_metrics.get(self.metric)
         if value is None:
@@ -267,7 +272,7 @@ class DynamicSampling(Callback):
                                 f"{', '.join(sorted(trainer.callback_metrics))}.")
         # Rank 0's value everywhere: every rank takes the same decision with the same generator.
         acc = trainer.strategy.broadcast(float(value), src=0)
-        self._pending = self.schedule.step(acc)
+        self._pending = self.schedule.step(acc, n)
         if trainer.world_size > 1:
             self._check_ranks_agree(trainer)
 

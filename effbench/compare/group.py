@@ -187,6 +187,10 @@ def _deltas(row: pd.Series, base: pd.Series | None, metric: str) -> dict[str, fl
 def compare(runs: pd.DataFrame, metric: str | None = None, by: list[str] | None = None,
             baseline: list[str] | None = None) -> Comparison:
     """The whole comparison: keys, aggregated table and (when there is a baseline) deltas."""
+    if not (runs["status"] == "completed").any():
+        first = runs.iloc[0]
+        raise EffbenchError(f"none of the {len(runs)} runs completed (e.g. {first['run_dir']}: "
+                            f"{first['error']}); fix that error and run them again.")
     metric = headline_metric(runs, metric)
     keys = varying_keys(runs, by)
     base = resolve_baseline(runs, baseline, keys)

@@ -21,13 +21,26 @@ PREFIX = "final/"  # distinct tags: the per-epoch curves keep their own names an
 
 def hparams_of(cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
     """Group choices, seed, overrides and the strategy's own settings, as flat ``a.b`` keys."""
-    params: dict[str, Any] = dict(config_of(summary))
+    params: dict[str, Any] = {k: _typed(v) for k, v in config_of(summary).items()}
     strategy = OmegaConf.to_container(cfg.strategy, resolve=True) if "strategy" in cfg else {}
-    for key, value in _flatten(strategy, "strategy").items():
-        if not key.endswith("_target_"):
-            params.setdefault(key, value)
-    params["trainer.max_epochs"] = summary.get("epochs")
+    params.update({k: v for k, v in _flatten(strategy, "strategy").items()
+                   if not k.endswith("_target_")})
+    params["trainer.max_epochs"] = cfg.trainer.max_epochs if "trainer" in cfg else None
     return {k: ("null" if v is None else v) for k, v in params.items()}
+
+
+def _typed(value: str) -> Any:
+    """Numbers as numbers (TensorBoard sorts and plots them), the rest as text."""
+    if value in ("true", "false"):
+        return value == "true"
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
@@ -47,7 +60,8 @@ def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
               "train_s": train_time(summary.get("time_s") or {}),
               "co2_kg": (summary.get("energy") or {}).get("co2_kg"),
               "params_trainable": (summary.get("model") or {}).get("params_trainable"),
-              "size_bytes": (summary.get("model") or {}).get("size_bytes")}
+              "size_bytes": (summary.get("model") or {}).get("size_bytes"),
+              "epochs": summary.get("epochs")}
     return {PREFIX + k: float(v) for k, v in values.items()
             if isinstance(v, (int, float)) and math.isfinite(v)}
 

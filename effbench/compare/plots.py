@@ -12,15 +12,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from effbench.compare.curves import Curve, config_curve, val_column  # noqa: E402
 from effbench.compare.group import CO2, PARAMS, TIME, Comparison, label  # noqa: E402
+from effbench.compare.table import sort_table  # noqa: E402
 
 DPI = 120
 
 
 def _rows(comp: Comparison) -> pd.DataFrame:
-    return comp.table[comp.table["n"] > 0]
+    table = sort_table(comp, None)  # the table's order: baseline first, numbers by value
+    return table[table["n"] > 0]
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -44,6 +47,7 @@ def metric_vs_time(comp: Comparison, path: Path) -> Path | str:
                     yerr=_nz(r.get(f"{comp.metric}_std")), fmt="o", capsize=4, color=color,
                     label=label(r, comp.keys))
     ax.set(xlabel="training time (s)", ylabel=comp.metric, title=f"{comp.metric} vs training time")
+    ax.margins(0.1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -84,6 +88,7 @@ def params_time_metric(comp: Comparison, path: Path) -> Path | str:
         ax.annotate(label(r, comp.keys), (x, y), textcoords="offset points", xytext=(6, 6),
                     fontsize=7)
     fig.colorbar(points, ax=ax, label="log10 trainable parameters")
+    ax.margins(0.15)  # room for the labels at the edges
     ax.set(xlabel="training time (s)", ylabel=comp.metric,
            title="metric vs training time vs trainable parameters")
     ax.grid(alpha=0.3)
@@ -117,6 +122,7 @@ def _curve_plot(curves: list[tuple[str, Curve]], ylabel: str, title: str, path: 
             marked = True
     if zero_line:
         ax.axhline(0, color="grey", lw=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -170,7 +176,7 @@ def metric_vs_param(comp: Comparison, key: str, path: Path) -> Path | str:
         ax.errorbar(grp["_x"], grp[comp.metric], yerr=grp[f"{comp.metric}_std"].fillna(0),
                     marker="o", capsize=4, color=color, label=name)
     x = rows["_x"]
-    if (x > 0).all() and x.max() / x.min() >= 100:
+    if (x > 0).all() and x.max() / x.min() >= 10:  # learning rates, weight decay: log sweeps
         ax.set_xscale("log")
     ax.set(xlabel=key, ylabel=comp.metric, title=f"{comp.metric} vs {key} (mean ± std over seeds)")
     ax.grid(alpha=0.3)

@@ -19,7 +19,8 @@ def sort_table(comp: Comparison, sort: str | None) -> pd.DataFrame:
 
     table = comp.table
     if sort is None:
-        return table
+        return table.iloc[sorted(range(len(table)), key=lambda i: _natural(comp, table.iloc[i]))
+                          ].reset_index(drop=True)
     column = SORT_ALIASES.get(sort, sort) or comp.metric
     if column not in table.columns:
         choices = [*SORT_ALIASES, *comp.keys]
@@ -28,6 +29,19 @@ def sort_table(comp: Comparison, sort: str | None) -> pd.DataFrame:
     descending = column == comp.metric and "loss" not in column
     return table.sort_values(column, ascending=not descending, kind="stable",
                              na_position="last").reset_index(drop=True)
+
+
+def _natural(comp: Comparison, row: pd.Series) -> tuple:
+    """Default order: the baseline first, then by each key, numbers by value (1e-4 < 1e-3)."""
+    out: list = []
+    for key in comp.keys:
+        value = str(row[key])
+        try:
+            number, text = float(value), ""
+        except ValueError:
+            number, text = float("inf"), value
+        out += [key in comp.baseline and value != comp.baseline[key], number, text]
+    return tuple(out)
 
 
 def _num(v: float, spec: str) -> str:

@@ -3,10 +3,10 @@
 On disk under ``root``: ``Data_Entry_2017.csv`` (columns ``Image Index, Finding Labels, Follow-up #,
 Patient ID, …``; labels joined by ``|``, ``No Finding`` for none), the official
 ``train_val_list.txt`` / ``test_list.txt`` and the PNGs in ``images/`` or in the split
-``images_001/images/ … images_012/images/`` layout. Multilabel (``No Finding`` = all zeros, trained
-with the class-weighted BCE of CheXNet); ``labels`` keeps a subset, and a single kept label becomes a
-binary task (e.g. ``[Pneumonia]``, the original CheXNet). The validation split is carved from
-train_val by patient, so no patient is in two splits.
+``images_001/images/ … images_012/images/`` layout. Multilabel (``No Finding`` = all zeros,
+trained with the class-weighted BCE of CheXNet); ``labels`` keeps a subset, and a single kept label
+becomes a binary task (e.g. ``[Pneumonia]``, the original CheXNet). The validation split is carved
+from train_val by patient, so no patient is in two splits.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ WHERE = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
 
 
 def image_index(root: Path) -> dict[str, Path]:
-    """``{file name: path}`` over ``images/`` and every ``images_XXX/images/`` (or ``images_XXX/``)."""
+    """``{file name: path}`` over ``images/``, every ``images_XXX/images/`` and ``images_XXX/``."""
     folders = [root / "images", *sorted(root.glob("images_*/images")),
                *sorted(p for p in root.glob("images_*") if p.is_dir())]
     found: dict[str, Path] = {}

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import DataLoader, Dataset
 
@@ -39,7 +40,7 @@ CACHE_VERSION = 1
 
 @dataclass
 class FileList:
-    """The files of one split: paths, labels (int64 or float ``(N, C)``) and optional patient ids."""
+    """One split's files: paths, labels (int64 or float ``(N, C)``) and optional patient ids."""
 
     paths: list[Path]
     labels: torch.Tensor
@@ -75,7 +76,9 @@ def _group_take(idx: np.ndarray, strata: np.ndarray, groups: np.ndarray, ratio: 
         raise EffbenchError(f"cannot split {n_groups} patient(s) into train/val/test; the data "
                             "needs at least 2 patients per split, or set dataset.val_ratio=0.")
     # One fold of a stratified group k-fold holds out ~1/k of the patients, stratified by label.
-    folds = int(min(n_groups, max(2, round(1.0 / ratio))))
+    # (sklearn refuses more folds than the largest class has samples: tiny data gets fewer folds.)
+    largest = int(np.unique(strata, return_counts=True)[1].max())
+    folds = int(max(2, min(n_groups, largest, round(1.0 / ratio))))
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     keep, taken = next(cv.split(idx, strata, groups))
     return np.sort(idx[keep]), np.sort(idx[taken])
@@ -133,12 +136,17 @@ class ImageCache:
             log.info("image cache: reusing %s (%d images)", target, len(files))
             return target
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp.npy")
-        try:
-            self._write(files, tmp)
-            os.replace(tmp, target)  # atomic: readers see a complete file or none
-        finally:
-            tmp.unlink(missing_ok=True)
+        # DDP ranks set up at the same time: one builds, the others wait and reuse (an OS lock, so
+        # a killed builder releases it).
+        with FileLock(str(target) + ".lock"):
+            if target.is_file():
+                return target
+            tmp = target.with_name(f".{target.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp.npy")
+            try:
+                self._write(files, tmp)
+                os.replace(tmp, target)  # atomic: readers see a complete file or none
+            finally:
+                tmp.unlink(missing_ok=True)
         log.info("image cache: wrote %s (%d images)", target, len(files))
         return target
 

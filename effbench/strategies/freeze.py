@@ -1,27 +1,28 @@
-"""``freeze``: train only the end of the backbone (selective freezing, linear probing, "unfreeze the
-last N layers") and optionally unfreeze more of it at given epochs with a lower learning rate.
+"""``freeze``: train only the end of the backbone (selective freezing, linear probing, "unfreeze
+the last N layers") and optionally unfreeze more of it at given epochs with a lower learning rate.
 
 What is frozen (see docs/freeze.md):
 
 - ``frozen_stages=k`` counts the backbone's blocks *after the stem* (``Backbone.stages[1:]``):
-  ``k=0`` freezes nothing (full fine-tuning), ``k>=1`` freezes the stem and the first ``k`` blocks,
-  i.e. ``stages[:k + 1]``; ``k=all`` (= the number of blocks) freezes the whole backbone, a linear
-  probe. For ResNet18 the blocks are layer1..layer4, so ``k=0..4`` are the selective-freezing study's
-  "0-4 frozen blocks".
+  ``k=0`` freezes nothing (full fine-tuning), ``k>=1`` freezes the stem and the first ``k``
+  blocks, i.e. ``stages[:k + 1]``; ``k=all`` (= the number of blocks) freezes the whole backbone,
+  a linear probe. For ResNet18 the blocks are layer1..layer4, so ``k=0..4`` are the
+  selective-freezing study's "0-4 frozen blocks".
 - ``unfreeze_last_layers=N`` then makes the last ``N`` *layers* of the backbone trainable again; a
   layer is a module that holds parameters itself (conv, linear, norm), counted from the output in
   definition order, which follows the forward pass (a residual block's shortcut counts after its
   main branch).
-- ``unfreeze_at_epochs=[e1, e2, ...]``: at the start of each listed epoch the frozen part nearest the
-  output becomes trainable: the last still-frozen stage, or the last ``unfreeze_step_layers`` frozen
-  layers. Their parameters join the optimizer as a new group at ``backbone_lr_factor`` times the
-  head's current learning rate (Lightning's ``BaseFinetuning``, whose state dict makes it resumable).
+- ``unfreeze_at_epochs=[e1, e2, ...]``: at the start of each listed epoch the frozen part nearest
+  the output becomes trainable: the last still-frozen stage, or the last ``unfreeze_step_layers``
+  frozen layers. Their parameters join the optimizer as a new group at ``backbone_lr_factor``
+  times the head's current learning rate (Lightning's ``BaseFinetuning``, whose state dict makes
+  it resumable).
 
-Frozen parameters get ``requires_grad=False`` and stay out of the optimizer; the leading stages with
-no trainable parameter run under ``torch.no_grad`` (``Backbone.frozen_prefix``), so they keep no
-activations for backward. With ``frozen_bn_eval`` (default) frozen BatchNorm layers, and every module
-of that frozen prefix (dropout, stochastic depth), are put in eval mode at the start of every
-training epoch, so running statistics stay what the pretrained weights had.
+Frozen parameters get ``requires_grad=False`` and stay out of the optimizer; the leading stages
+with no trainable parameter run under ``torch.no_grad`` (``Backbone.frozen_prefix``), so they keep
+no activations for backward. With ``frozen_bn_eval`` (default) frozen BatchNorm layers, and every
+module of that frozen prefix (dropout, stochastic depth), are put in eval mode at the start of
+every training epoch, so running statistics stay what the pretrained weights had.
 """
 
 from __future__ import annotations
@@ -144,8 +145,15 @@ class FreezeSchedule(BaseFinetuning):
         backbone.frozen_prefix = fully_frozen_prefix(backbone)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":  # testing after fit must not re-freeze what training unfroze
-            super().setup(trainer, pl_module, stage)
+        if stage != "fit":  # testing after fit must not re-freeze what training unfroze
+            return
+        if self.milestones and trainer.world_size > 1:
+            # DDP fixes the set of gradient-synchronised parameters when it wraps the model, so
+            # parameters unfrozen later would train differently on every rank.
+            raise EffbenchError(f"strategy.unfreeze_at_epochs={self.milestones} cannot run on "
+                                f"{trainer.world_size} processes; train on one device or set "
+                                f"strategy.unfreeze_at_epochs=[].")
+        super().setup(trainer, pl_module, stage)
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
         self.apply_initial(pl_module.backbone)
@@ -248,8 +256,9 @@ def _is_int(v: Any, minimum: int) -> bool:
 
 
 class Freeze(Strategy):
-    """Freeze the stem and the first ``frozen_stages`` blocks (``all``: linear probe), keep the last
-    ``unfreeze_last_layers`` layers trainable, optionally unfreeze more at ``unfreeze_at_epochs``."""
+    """Freeze the stem and the first ``frozen_stages`` blocks (``all``: linear probe), keep the
+    last ``unfreeze_last_layers`` layers trainable, optionally unfreeze more at
+    ``unfreeze_at_epochs``."""
 
     def __init__(self, name: str, frozen_stages: int | str = ALL, unfreeze_last_layers: int = 0,
                  frozen_bn_eval: bool = True, unfreeze_at_epochs: Sequence[int] = (),

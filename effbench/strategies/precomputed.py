@@ -2,8 +2,9 @@
 
 Phases (each timed in ``summary["time_s"]``):
 
-1. ``bn_adapt`` — train-mode, no-grad passes over the training images until the running means of
-   the BN layers change by less than ``bn_threshold`` between passes (``effbench.features.bn_adapt``);
+1. ``bn_adapt`` — train-mode, no-grad passes over the training images until the running means
+   of the BN layers change by less than ``bn_threshold`` between passes
+   (``effbench.features.bn_adapt``);
 2. ``extract`` — eval-mode features of train/val/test into the content-addressed cache under
    ``cache_dir`` (``effbench.features.cache``); a later job with the same key loads both the
    adapted BN statistics and the features and never runs the backbone;
@@ -26,7 +27,7 @@ from effbench.errors import EffbenchError
 from effbench.features.bn_adapt import BNAdaptResult, adapt_batchnorm, bn_state
 from effbench.features.cache import FeatureCache, FeatureKeys, feature_keys
 from effbench.features.extract import extract_features, train_batches
-from effbench.features.head_training import HeadTraining, evaluate_head, train_head
+from effbench.features.head_training import HeadTraining, cpu_threads, evaluate_head, train_head
 from effbench.features.heads import build_head
 from effbench.strategies.base import Strategy
 from effbench.summary import state_dict_bytes
@@ -182,8 +183,9 @@ class Precomputed(Strategy):
             for logger in loggers:
                 logger.log_metrics(row, step=step)
 
-        result = train_head(sys_.head, sys_.loss_fn, sys_.configure_optimizers(), on["train"],
-                            on["val"], dm.task, sys_.class_names, cfg, log)
+        with cpu_threads(1 if device.type == "cpu" else None):
+            result = train_head(sys_.head, sys_.loss_fn, sys_.configure_optimizers(),
+                                on["train"], on["val"], dm.task, sys_.class_names, cfg, log)
         for logger in loggers:
             logger.save()
         sys_.best_val, sys_.val_history = dict(result.best), result.history

@@ -1,4 +1,4 @@
-"""Tiny datasets written in each real on-disk format (file names, CSV columns, split lists, npz keys).
+"""Tiny datasets in each real on-disk format (file names, CSV columns, split lists, npz keys).
 
 Images are small (16 px) and carry a class-dependent colour so a model could learn them; every
 writer returns the root to pass as ``dataset.root`` and is deterministic.

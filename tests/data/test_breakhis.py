@@ -24,7 +24,7 @@ def test_binary_labels_follow_benign_malignant_folders(root) -> None:
     dm = make(BreakHisDataModule, root)
     assert dm.class_names == ["benign", "malignant"]
     assert sum(len(y) for y in dm.labels.values()) == 8 * 3 * 4  # types × patients × mags
-    for split, ds in dm.datasets.items():
+    for ds in dm.datasets.values():
         for path, y in zip(ds.paths, ds.labels):
             assert dm.class_names[int(y)] in path.parts  # .../breast/<benign|malignant>/SOB/...
 

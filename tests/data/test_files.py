@@ -25,7 +25,8 @@ def test_second_run_reads_the_cache_without_decoding(tmp_path, monkeypatch) -> N
     streamed = make(BrainMRIDataModule, root)
     first = make(BrainMRIDataModule, root, cache_images=True, cache_dir=str(cache))
     files = list((cache / "images").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npy"  # written once, no temp file left
+    files = [p for p in files if p.suffix == ".npy"]
+    assert len(files) == 1 and not list(cache.rglob("*.tmp*"))  # written once, no temp file left
     for split in ("train", "val", "test"):  # cached pixels are the decoded-and-resized ones
         assert torch.equal(first.datasets[split].images, _all(streamed.datasets[split]))
 
@@ -35,7 +36,7 @@ def test_second_run_reads_the_cache_without_decoding(tmp_path, monkeypatch) -> N
     monkeypatch.setattr(imagefolder.Image, "open", no_decoding)
     second = make(BrainMRIDataModule, root, cache_images=True, cache_dir=str(cache),
                   val_ratio=0.3)  # another split of the same files reuses the same array
-    assert sorted((cache / "images").iterdir()) == files
+    assert sorted((cache / "images").glob("*.npy")) == files
     assert sum(len(y) for y in second.labels.values()) == 30
     assert second.datasets["train"].images.shape[1:] == (3, 32, 32)
 

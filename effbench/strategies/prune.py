@@ -1,0 +1,344 @@
+"""``prune``: gradual magnitude pruning during training, then real (compressed) size savings.
+
+The CheXNet compression study's recipe: conv weights only (not biases, BatchNorm nor the output
+layer), a polynomial schedule of power 4 from 10 % sparsity at the middle of epoch 1 to the target
+(50 % / 70 %) at the end of epoch 7 (Zhu & Gupta's schedule, TensorFlow's ``PolynomialDecay``), or
+per-layer targets by output channels (the "adaptive" variant). Masks come from
+``torch.nn.utils.prune``; at the end they are made permanent and the dense and zipped state-dict
+sizes are reported.
+
+Why a small callback and not Lightning's ``ModelPruning``: its ``amount`` is evaluated once per
+epoch (the schedule here starts mid-epoch and updates every ``frequency``), it has no per-layer
+amounts (adaptive), and its lottery-ticket resetting is on by default. The amounts handed to
+``torch.nn.utils.prune`` are counts of *additional* weights taken from those still unpruned (its
+iterative ``PruningContainer`` semantics), computed from the schedule's total target.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch import nn
+from torch.nn.utils import prune
+
+from effbench.compression import zipped_state_dict_bytes
+from effbench.errors import EffbenchError
+from effbench.strategies.base import Strategy
+from effbench.summary import state_dict_bytes
+
+if TYPE_CHECKING:
+    from effbench.run import RunContext
+
+log = logging.getLogger(__name__)
+
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Which layers' weights each scope prunes (biases, BatchNorm and embeddings never are).
+SCOPES: dict[str, tuple[type[nn.Module], ...]] = {
+    "conv": CONV,
+    "all": (*CONV, nn.Linear),
+    "adaptive": CONV,
+}
+MODES = ("layer", "global")
+UNITS = ("epoch", "step")
+# The study's adaptive targets, by a conv layer's output channels. Channel counts a preset lacks
+# (ResNet's 128, DenseNet's 128/256/512) are left unpruned unless ``adaptive_default`` is set.
+ADAPTIVE_PRESETS: dict[str, dict[int, float]] = {
+    "resnet": {64: 0.25, 256: 0.40, 512: 0.55, 1024: 0.70, 2048: 0.85},
+    "densenet": {32: 0.25, 64: 0.50},
+}
+
+
+@dataclass(frozen=True)
+class PolynomialSchedule:
+    """Sparsity at optimizer step ``t``: 0 before ``begin``, then
+    ``final + (initial - final) * (1 - (t - begin) / (end - begin)) ** power``, ``final`` from
+    ``end`` on (TensorFlow Model Optimization's ``PolynomialDecay``)."""
+
+    initial: float
+    final: float
+    begin: int
+    end: int
+    power: float = 4.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.begin:
+            return 0.0
+        if step >= self.end:
+            return self.final
+        progress = (step - self.begin) / (self.end - self.begin)
+        return self.final + (self.initial - self.final) * (1.0 - progress) ** self.power
+
+
+def _fraction(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise EffbenchError(f"strategy.{name}={value} must be a fraction in [0, 1), "
+                            f"e.g. strategy.{name}=0.5.")
+    return value
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...] | dict) -> str:
+    if value not in allowed:
+        raise EffbenchError(f"strategy.{name}={value!r} is not one of {', '.join(allowed)}; "
+                            f"set strategy.{name}={next(iter(allowed))} (or another of them).")
+    return value
+
+
+def layer_sparsity(module: nn.Module) -> float:
+    """Fraction of zeros in ``module.weight`` (the masked weight while pruning is active)."""
+    w = module.weight.detach()
+    return float((w == 0).sum()) / w.numel()
+
+
+class GradualPruning(Callback):
+    """Prunes ``layers`` (name → module, each already reparametrised by ``torch.nn.utils.prune``)
+    towards per-layer ``targets`` on a :class:`PolynomialSchedule`, before the training batch of
+    every ``frequency``-th optimizer step between ``start`` and ``end`` (and always at ``end``)."""
+
+    def __init__(self, layers: dict[str, nn.Module], targets: dict[str, float], initial: float,
+                 power: float, start: float, end: float, unit: str, frequency: float,
+                 mode: str) -> None:
+        self.layers, self.targets, self.mode = layers, targets, mode
+        self.initial, self.power, self.unit = initial, power, unit
+        self.start, self.end, self.frequency = start, end, frequency
+        self.schedules: dict[str, PolynomialSchedule] = {}
+        self.every = 1
+        self.last_step = -1
+        self.history: list[dict[str, float]] = []
+
+    # -- schedule in steps -----------------------------------------------------------------------
+    def resolve(self, steps_per_epoch: int) -> None:
+        """Turns ``start``/``end``/``frequency`` into optimizer steps. In epochs, ``end=7`` is the
+        last step of the 7th epoch, ``start=0.5`` the middle of the first."""
+        scale = steps_per_epoch if self.unit == "epoch" else 1
+        begin = round(self.start * scale)
+        end = max(begin, math.ceil(self.end * scale) - (1 if self.unit == "epoch" else 0))
+        self.every = max(1, round(self.frequency * scale))
+        self.schedules = {n: PolynomialSchedule(min(self.initial, t), t, begin, end, self.power)
+                          for n, t in self.targets.items()}
+
+    @property
+    def begin_step(self) -> int:
+        return next(iter(self.schedules.values())).begin
+
+    @property
+    def end_step(self) -> int:
+        return next(iter(self.schedules.values())).end
+
+    def finished(self, global_step: int) -> bool:
+        """True once the final sparsity has been applied and one step trained with it."""
+        return bool(self.schedules) and global_step > self.end_step
+
+    def due(self, step: int) -> bool:
+        if step == self.last_step or step < self.begin_step:
+            return False
+        if step >= self.end_step:
+            return self.last_step < self.end_step
+        return (step - self.begin_step) % self.every == 0
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches) and self.unit == "epoch":
+            raise EffbenchError("strategy.unit=epoch needs a dataset of known length; set "
+                                "strategy.unit=step and give strategy.start/end in steps.")
+        self.resolve(max(1, math.ceil(batches / trainer.accumulate_grad_batches)))
+        log.info("pruning from step %d to %d every %d steps", self.begin_step, self.end_step,
+                 self.every)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not self.due(step):
+            return
+        self.apply(step)
+        self.last_step = step
+        achieved = self.sparsity()
+        self.history.append({"step": step, "target": self.scheduled(step), "sparsity": achieved})
+        pl_module.log("prune/sparsity", achieved, on_step=True, on_epoch=False)
+
+    # -- pruning ---------------------------------------------------------------------------------
+    def scheduled(self, step: int) -> float:
+        """The overall target at ``step`` (weighted by layer size)."""
+        sizes = {n: self.layers[n].weight.numel() for n in self.schedules}
+        return sum(self.schedules[n](step) * sizes[n] for n in sizes) / sum(sizes.values())
+
+    def apply(self, step: int) -> None:
+        if self.mode == "global":
+            prune_global_to([self.layers[n] for n in self.schedules], self.scheduled(step))
+            return
+        for name, schedule in self.schedules.items():
+            prune_layer_to(self.layers[name], schedule(step))
+
+    def sparsity(self) -> float:
+        zeros = sum(float((m.weight_mask == 0).sum()) for m in self.layers.values())
+        return zeros / sum(m.weight_mask.numel() for m in self.layers.values())
+
+
+def _pruned(module: nn.Module) -> int:
+    return int((module.weight_mask == 0).sum())
+
+
+def prune_layer_to(module: nn.Module, sparsity: float) -> None:
+    """Masks the smallest-magnitude unmasked weights until ``sparsity`` of the layer is masked."""
+    extra = round(sparsity * module.weight_mask.numel()) - _pruned(module)
+    if extra > 0:
+        prune.l1_unstructured(module, "weight", amount=extra)
+
+
+def prune_global_to(modules: list[nn.Module], sparsity: float) -> None:
+    """Like :func:`prune_layer_to` but ranks the weights of all ``modules`` together."""
+    total = sum(m.weight_mask.numel() for m in modules)
+    extra = round(sparsity * total) - sum(_pruned(m) for m in modules)
+    if extra > 0:
+        prune.global_unstructured([(m, "weight") for m in modules],
+                                  pruning_method=prune.L1Unstructured, amount=extra)
+
+
+class PrunedCheckpoint(ModelCheckpoint):
+    """Tracks the best checkpoint only once the schedule has reached its final sparsity, so that
+    the model tested (and reported) is the pruned one, not a less sparse early epoch."""
+
+    def __init__(self, pruner: GradualPruning, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pruner = pruner
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruner.finished(trainer.global_step):
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruner.finished(trainer.global_step):
+            super().on_train_epoch_end(trainer, pl_module)
+
+
+class Prune(Strategy):
+    """Gradual magnitude pruning (see the module docstring); composable with the shared fit."""
+
+    def __init__(self, name: str, final_sparsity: float = 0.5, initial_sparsity: float = 0.1,
+                 power: float = 4.0, start: float = 0.5, end: float = 7.0, unit: str = "epoch",
+                 frequency: float = 0.05, scope: str = "conv", mode: str = "layer",
+                 adaptive_preset: str | None = "auto",
+                 adaptive_targets: dict[int, float] | None = None,
+                 adaptive_default: float | None = None, include_head: bool = False,
+                 **common: Any) -> None:
+        super().__init__(name, **common)
+        self.final_sparsity = _fraction("final_sparsity", final_sparsity)
+        self.initial_sparsity = _fraction("initial_sparsity", initial_sparsity)
+        self.power = float(power)
+        self.start, self.end, self.frequency = float(start), float(end), float(frequency)
+        if not 0 <= self.start <= self.end or self.frequency <= 0 or self.power <= 0:
+            raise EffbenchError(f"strategy.start={start}, strategy.end={end}, strategy.frequency="
+                                f"{frequency}, strategy.power={power} need 0 <= start <= end and "
+                                f"frequency, power > 0, e.g. start=0.5 end=7 frequency=0.05 "
+                                f"power=4.")
+        self.unit = _choice("unit", unit, UNITS)
+        self.scope = _choice("scope", scope, SCOPES)
+        self.mode = _choice("mode", mode, MODES)
+        if self.scope == "adaptive" and self.mode == "global":
+            raise EffbenchError("strategy.scope=adaptive sets per-layer targets, which needs "
+                                "strategy.mode=layer.")
+        if adaptive_preset is not None:
+            _choice("adaptive_preset", adaptive_preset, ("auto", *ADAPTIVE_PRESETS))
+        self.adaptive_preset = adaptive_preset
+        self.adaptive_targets = {int(k): _fraction(f"adaptive_targets.{k}", v)
+                                 for k, v in (adaptive_targets or {}).items()}
+        self.adaptive_default = (None if adaptive_default is None
+                                 else _fraction("adaptive_default", adaptive_default))
+        self.include_head = bool(include_head)
+        self._pruner: GradualPruning | None = None
+
+    # -- what gets pruned ------------------------------------------------------------------------
+    def layers(self, system: nn.Module) -> dict[str, nn.Module]:
+        """Named layers of the scope in the backbone (and the head if ``include_head``)."""
+        roots = ["backbone", "head"] if self.include_head else ["backbone"]
+        types = SCOPES[self.scope]
+        return {f"{root}.{n}" if n else root: m for root in roots
+                for n, m in getattr(system, root).named_modules()
+                if isinstance(m, types) and isinstance(getattr(m, "weight", None), nn.Parameter)}
+
+    def channel_targets(self, backbone_name: str) -> dict[int, float]:
+        preset = self.adaptive_preset
+        if preset == "auto":
+            preset = next((p for p in ADAPTIVE_PRESETS if p in backbone_name.lower()), None)
+        if preset is None and not self.adaptive_targets:
+            raise EffbenchError(f"strategy.scope=adaptive has no per-channel targets for backbone "
+                                f"{backbone_name!r}; set strategy.adaptive_preset=resnet|densenet "
+                                f"or strategy.adaptive_targets='{{64: 0.25, 128: 0.4}}'.")
+        return {**ADAPTIVE_PRESETS.get(preset or "", {}), **self.adaptive_targets}
+
+    def targets(self, layers: dict[str, nn.Module], backbone_name: str) -> dict[str, float]:
+        if self.scope != "adaptive":
+            return {n: self.final_sparsity for n in layers}
+        by_channels = self.channel_targets(backbone_name)
+        found = {n: by_channels.get(m.out_channels, self.adaptive_default)
+                 for n, m in layers.items()}
+        return {n: t for n, t in found.items() if t is not None}
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def configure_model(self, ctx: RunContext) -> None:
+        layers = self.layers(ctx.system)
+        targets = self.targets(layers, getattr(ctx.system.backbone, "name", ""))
+        if not targets:
+            raise EffbenchError(f"strategy.scope={self.scope} finds no layer to prune in backbone "
+                                f"{ctx.cfg.backbone.name}; use strategy.scope=all or set "
+                                f"strategy.adaptive_targets / strategy.adaptive_default.")
+        # Identity masks from the start: every checkpoint has the same keys (weight_orig,
+        # weight_mask), so resuming and testing the best checkpoint restore the masks as well.
+        for name in targets:
+            prune.identity(layers[name], "weight")
+        self._pruner = GradualPruning({n: layers[n] for n in targets}, targets,
+                                      self.initial_sparsity, self.power, self.start, self.end,
+                                      self.unit, self.frequency, self.mode)
+
+    def callbacks(self, ctx: RunContext) -> list[Callback]:
+        assert self._pruner is not None, "configure_model runs before callbacks"
+        cbs: list[Callback] = [self._pruner]
+        if self.checkpoint:
+            ckpt_dir = ctx.run_dir / "checkpoints"
+            cbs.append(PrunedCheckpoint(self._pruner, dirpath=ckpt_dir, monitor=self.monitor,
+                                        mode="min", filename="best"))
+            # last.ckpt every epoch, pruned or not, for resuming a killed run.
+            cbs.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True))
+        if self.early_stopping and self.early_stopping.get("patience") is not None:
+            cbs.append(EarlyStopping(monitor=self.monitor, mode="min",
+                                     patience=int(self.early_stopping["patience"])))
+        return cbs
+
+    def finalize(self, ctx: RunContext) -> dict[str, Any]:
+        pruner = self._pruner
+        assert pruner is not None
+        with ctx.phase("compress"):
+            for module in pruner.layers.values():
+                if prune.is_pruned(module):
+                    prune.remove(module, "weight")  # weight = weight_orig * mask, for good
+            per_layer = {n: layer_sparsity(m) for n, m in pruner.layers.items()}
+            sizes = {n: m.weight.numel() for n, m in pruner.layers.items()}
+            overall = sum(per_layer[n] * sizes[n] for n in sizes) / sum(sizes.values())
+            params = list(ctx.system.parameters())
+            zeros = sum(int((p.detach() == 0).sum()) for p in params)
+            dense = state_dict_bytes(ctx.system)
+            zipped = zipped_state_dict_bytes(ctx.system)
+        completed = pruner.last_step >= pruner.end_step if pruner.schedules else False
+        if not completed:
+            log.warning("training stopped before the pruning schedule ended (step %d of %d): "
+                        "the sparsity reported is below the target", pruner.last_step,
+                        pruner.end_step)
+        return {
+            "pruned_layers": len(per_layer),
+            "sparsity": overall,
+            "sparsity_per_layer": per_layer,
+            "target_per_layer": dict(pruner.targets),
+            "schedule_steps": {"begin": pruner.begin_step, "end": pruner.end_step,
+                               "every": pruner.every},
+            "schedule_completed": completed,
+            "schedule_history": pruner.history,
+            "model": {"size_bytes": dense, "size_bytes_compressed": zipped,
+                      "compression_ratio": dense / zipped, "sparsity": overall,
+                      "sparsity_params": zeros / sum(p.numel() for p in params)},
+        }

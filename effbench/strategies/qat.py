@@ -1,0 +1,222 @@
+"""``qat``: quantization-aware training, conversion to int8, and what int8 is worth on CPU.
+
+Path (see docs/compression.md for why): torchao's PT2E flow, the maintained successor of
+``torch.ao.quantization``. torchao's module-swap QAT (``QATConfig``) only fakes-quantizes Linear and
+Embedding layers, so for CNNs the graph flow is the one that quantizes convolutions:
+``torch.export`` (strict, so reused modules such as ResNet's ``relu`` stay separate call sites) →
+``prepare_qat_pt2e`` with the ``X86InductorQuantizer`` (per-channel int8 weights, int8 activations;
+Conv-BN pairs are fused for training and folded at conversion) → training in the loop →
+``convert_pt2e`` (int8 weights) → ``lower_pt2e_quantized_to_x86`` (oneDNN int8 kernels on CPU).
+
+The backbone and head are exported together as one graph that replaces ``system.backbone`` (the head
+becomes ``Identity``); ``qat_scope=conv`` quantizes the convolutions only, ``all`` every pattern the
+quantizer supports (conv, linear, add, pooling, concatenation, ReLU). Fake quantization trains in
+``32-true`` precision: mixed precision would hand the observers half-precision ranges.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import open_dict
+from torch import nn
+
+from effbench.compression import cpu_latency_ms, module_bytes
+from effbench.errors import EffbenchError
+from effbench.metrics import build_metrics, split_scalars
+from effbench.strategies.base import Strategy
+from effbench.summary import state_dict_bytes
+
+if TYPE_CHECKING:
+    from effbench.run import RunContext
+
+log = logging.getLogger(__name__)
+
+QAT_SCOPES = ("conv", "all")
+PRECISION = "32-true"
+
+
+def _quantizer(scope: str) -> Any:
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    config = get_default_x86_inductor_quantization_config(is_qat=True)
+    quantizer = X86InductorQuantizer()
+    if scope == "all":
+        return quantizer.set_global(config)
+    return quantizer.set_module_type_qconfig(nn.Conv2d, config)
+
+
+def prepare_qat(model: nn.Module, example: torch.Tensor, scope: str) -> torch.fx.GraphModule:
+    """Exports ``model`` (train mode, dynamic batch) and inserts fake quantization for ``scope``."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    model.train()
+    batch = torch.export.Dim("batch", min=2)
+    # strict=True: dynamo names each call site, so a module called twice (ResNet's relu) is two
+    # quantization partitions, not one with two outputs (which the x86 quantizer rejects).
+    graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},),
+                                strict=True).module()
+    prepared = prepare_qat_pt2e(graph, _quantizer(scope))
+    allow_exported_model_train_eval(prepared)  # Lightning's .train()/.eval() switch BN & dropout
+    return prepared
+
+
+def drop_unused_tensors(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Removes parameters/buffers the graph no longer reads (conversion leaves the fp32 originals
+    of the int8 weights behind), so the state dict holds what inference needs."""
+    used = {n.target for n in graph.graph.nodes if n.op == "get_attr"}
+    named = [*graph.named_parameters(), *graph.named_buffers()]
+    for name, _ in named:
+        if name not in used:
+            owner, _, leaf = name.rpartition(".")
+            delattr(graph.get_submodule(owner) if owner else graph, leaf)
+    return graph
+
+
+def convert_int8(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """int8 weights, BN folded (a converted copy; the fake-quant model is left as it is)."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    model = copy.deepcopy(prepared)
+    move_exported_model_to_eval(model)
+    return drop_unused_tensors(convert_pt2e(model))
+
+
+def lower_x86(converted: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
+    """oneDNN int8 kernels; the lowered graph is specialised to ``example``'s shape."""
+    from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
+
+    with torch.no_grad():
+        lowered = lower_pt2e_quantized_to_x86(converted, (example,))
+    # oneDNN's int8 convolutions may hand back channels-last tensors, which ``flatten``'s exported
+    # ``view`` cannot take; ``reshape`` is the same op where a view is possible.
+    for node in lowered.graph.nodes:
+        if node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    lowered.recompile()
+    return lowered
+
+
+def padded_forward(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Runs a fixed-batch model on ``x`` of any length (the last chunk padded by repetition)."""
+    outs = []
+    for chunk in x.split(batch):
+        n = len(chunk)
+        if n < batch:
+            chunk = torch.cat([chunk, chunk[-1:].expand(batch - n, *chunk.shape[1:])])
+        outs.append(model(chunk)[:n])
+    return torch.cat(outs)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor, task: str) -> float:
+    """Fraction of samples whose predicted label(s) are identical under both logits."""
+    if task == "multilabel":
+        return float(((a > 0) == (b > 0)).all(dim=1).float().mean())
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
+def quantized_weight_bytes(float_model: nn.Module, scope: str) -> int:
+    """fp32 bytes of the weights the scope quantizes (what int8 shrinks fourfold)."""
+    types = (nn.Conv2d,) if scope == "conv" else (nn.Conv2d, nn.Linear)
+    return sum(m.weight.numel() * 4 for m in float_model.modules() if isinstance(m, types))
+
+
+class Qat(Strategy):
+    """Quantization-aware training (see the module docstring)."""
+
+    def __init__(self, name: str, qat_scope: str = "conv", latency_batch: int = 16,
+                 latency_min_time: float = 1.0, int8_eval: bool = True, **common: Any) -> None:
+        super().__init__(name, **common)
+        if qat_scope not in QAT_SCOPES:
+            raise EffbenchError(f"strategy.qat_scope={qat_scope!r} is not one of "
+                                f"{', '.join(QAT_SCOPES)}; set strategy.qat_scope=conv or all.")
+        if int(latency_batch) < 1:
+            raise EffbenchError(f"strategy.latency_batch={latency_batch} must be >= 1, e.g. 16.")
+        self.qat_scope, self.latency_batch = qat_scope, int(latency_batch)
+        self.latency_min_time, self.int8_eval = float(latency_min_time), bool(int8_eval)
+        self.precision = PRECISION
+        self._float: nn.Module | None = None
+
+    def configure_model(self, ctx: RunContext) -> None:
+        _import_torchao()
+        if str(ctx.trainer_args.get("precision")) != PRECISION:
+            log.warning("qat trains in %s precision (fake quantization), not %s", PRECISION,
+                        ctx.trainer_args.get("precision"))
+            ctx.trainer_args["precision"] = PRECISION
+            with open_dict(ctx.cfg):
+                ctx.cfg.trainer.precision = PRECISION  # the summary records what ran
+        x = _example(ctx, 2)
+        system = ctx.system
+        float_model = nn.Sequential(system.backbone, system.head)
+        self._float = copy.deepcopy(float_model).eval()  # the fp32 reference for size & latency
+        system.backbone = prepare_qat(float_model, x, self.qat_scope)
+        system.head = nn.Identity()
+
+    def finalize(self, ctx: RunContext) -> dict[str, Any]:
+        assert self._float is not None, "configure_model runs first"
+        system = ctx.system.cpu().eval()
+        x = _example(ctx, self.latency_batch)
+        with ctx.phase("convert"):
+            converted = convert_int8(system.backbone)
+            lowered = lower_x86(converted, x)
+        out: dict[str, Any] = {}
+        if self.int8_eval:
+            with ctx.phase("int8_eval"):
+                out.update(self.evaluate(ctx, system.backbone, lowered))
+        with ctx.phase("latency"):
+            fp32_ms = cpu_latency_ms(self._float, x, self.latency_min_time)
+            int8_ms = cpu_latency_ms(lowered, x, self.latency_min_time)
+        fp32_bytes, int8_bytes = state_dict_bytes(self._float), state_dict_bytes(converted)
+        q_fp32 = quantized_weight_bytes(self._float, self.qat_scope)
+        q_int8 = module_bytes(converted).get("int8", 0)
+        out.update({
+            "backend": "torchao.pt2e X86InductorQuantizer",
+            "latency_ms": {"batch": self.latency_batch, "threads": torch.get_num_threads(),
+                           "fp32": fp32_ms, "int8": int8_ms, "speedup": fp32_ms / int8_ms},
+            "quantized_weights_bytes": {"fp32": q_fp32, "int8": q_int8,
+                                        "ratio": q_fp32 / q_int8 if q_int8 else None},
+            "model": {"size_bytes_fp32": fp32_bytes, "size_bytes_int8": int8_bytes,
+                      "compression_ratio": fp32_bytes / int8_bytes},
+        })
+        return out
+
+    def evaluate(self, ctx: RunContext, fake_quant: nn.Module,
+                 lowered: nn.Module) -> dict[str, Any]:
+        """Test split on CPU: metrics of the int8 model and its agreement with fake quantization."""
+        dm = ctx.datamodule
+        metrics = build_metrics(dm.task, dm.num_classes)
+        fq_all, q_all = [], []
+        with torch.no_grad():
+            for images, y in dm.loader("test"):
+                xb = dm.normalize(images)
+                fq, q = fake_quant(xb), padded_forward(lowered, xb, self.latency_batch)
+                metrics.update(q.float(), y.long() if dm.task == "multilabel" else y)
+                fq_all.append(fq)
+                q_all.append(q)
+        scalars, per_class = split_scalars(metrics.compute(), "int8/test", dm.class_names)
+        return {"int8_metrics": scalars, "int8_per_class": per_class,
+                "int8_agreement": agreement(torch.cat(fq_all), torch.cat(q_all), dm.task)}
+
+
+def _example(ctx: RunContext, n: int) -> torch.Tensor:
+    """``n`` normalised training images (repeated if the split is smaller), on CPU."""
+    dm = ctx.datamodule
+    images, _ = next(iter(dm.loader("train", shuffle=False, batch_size=n)))
+    x = dm.normalize(images)
+    return x.repeat((n + len(x) - 1) // len(x), 1, 1, 1)[:n].contiguous()
+
+
+def _import_torchao() -> None:
+    try:
+        import torchao  # noqa: F401
+    except ImportError as err:
+        raise EffbenchError("strategy=qat needs torchao; install it with "
+                            "`.venv/bin/pip install torchao` (or `pip install -e .`).") from err

@@ -1,0 +1,317 @@
+"""effbench-compare: real sweeps through the CLI, numbers checked against the summaries, plots,
+baseline deltas in the studies' form, failures listed, clear errors, TensorBoard HParams."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pandas as pd
+import pytest
+from PIL import Image
+
+from effbench.compare.cli import main
+from effbench.compare.curves import config_curve
+from effbench.compare.group import compare
+from effbench.compare.load import load_runs, train_time
+from effbench.summary import SCHEMA, write_json_atomic
+from tests.conftest import CONF, FAST, run_cli
+
+SWEEP = ["dataset=synthetic", "dataset.num_train=96", "dataset.num_val=32", "dataset.num_test=32",
+         "dataset.batch_size=32", "trainer.max_epochs=1", "tracking.energy=false", *FAST]
+# Any strategy besides finetune that exists (others land in parallel); else sweep the lr.
+SECOND = next((s for s in ("freeze", "prune", "qat", "dynamic")
+               if (CONF / "strategy" / f"{s}.yaml").is_file()), None)
+
+
+def compare_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "effbench.compare.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def sweep_dir(cwd: Path) -> Path:
+    (found,) = (cwd / "outputs" / "multirun").iterdir()
+    return found
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 5_000, path
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG" and min(img.size) >= 300
+        low, high = img.convert("L").getextrema()
+        assert high - low > 100, f"{path.name} is blank"
+
+
+@pytest.mark.slow
+def test_real_sweep_table_matches_summaries(tmp_path: Path) -> None:
+    if SECOND:
+        axis, baseline, key = [f"strategy=finetune,{SECOND}"], [], "strategy"
+    else:
+        axis, baseline, key = ["strategy.lr=1e-3,1e-2"], ["--baseline", "strategy.lr=1e-3"], \
+            "strategy.lr"
+    proc = run_cli(["-m", *SWEEP, *axis, "seed=0,1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweep = sweep_dir(tmp_path)
+    res = compare_cli([str(sweep), *baseline], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+
+    # Expected numbers straight from the summaries.
+    rows = []
+    for path in sweep.rglob("summary.json"):
+        s = json.loads(path.read_text())
+        assert s["status"] == "completed", s["error"]
+        value = s["choices"]["strategy"] if SECOND else str(float(s["strategy"]["lr"]))
+        rows.append({"cfg": value, "acc": s["metrics"]["test/acc"],
+                     "train": train_time(s["time_s"]), "params": s["model"]["params_trainable"],
+                     "size": s["model"]["size_bytes"]})
+    exp = pd.DataFrame(rows).groupby("cfg").agg(["mean", "std"])
+    base_cfg, other_cfg = ("finetune", SECOND) if SECOND else ("0.001", "0.01")
+
+    table = pd.read_csv(sweep / "compare" / "compare.csv", dtype={key: str}).set_index(key)
+    assert list(table["n"]) == [2, 2]
+    for cfg in (base_cfg, other_cfg):
+        assert table.loc[cfg, "test/acc"] == pytest.approx(exp.loc[cfg, ("acc", "mean")])
+        assert table.loc[cfg, "test/acc_std"] == pytest.approx(exp.loc[cfg, ("acc", "std")])
+        assert table.loc[cfg, "train_s"] == pytest.approx(exp.loc[cfg, ("train", "mean")])
+        assert table.loc[cfg, "train_s_std"] == pytest.approx(exp.loc[cfg, ("train", "std")])
+        # The terminal table prints the same mean ± std.
+        acc, sd = exp.loc[cfg, ("acc", "mean")], exp.loc[cfg, ("acc", "std")]
+        assert f"{acc:.4f} ± {sd:.4f}" in res.stdout
+    b, o = exp.loc[base_cfg], exp.loc[other_cfg]
+    d = table.loc[other_cfg]
+    assert d["d_metric_pp"] == pytest.approx((o[("acc", "mean")] - b[("acc", "mean")]) * 100)
+    assert d["speedup"] == pytest.approx(b[("train", "mean")] / o[("train", "mean")])
+    assert d["d_train_pct"] == pytest.approx((o[("train", "mean")] / b[("train", "mean")] - 1)
+                                             * 100)
+    assert d["d_params_pct"] == pytest.approx((o[("params", "mean")] / b[("params", "mean")] - 1)
+                                              * 100)
+    assert d["d_size_pct"] == pytest.approx((o[("size", "mean")] / b[("size", "mean")] - 1) * 100)
+    assert bool(table.loc[base_cfg, "baseline"]) and not bool(d["baseline"])
+    assert f"{d['d_metric_pp']:+.2f}".replace("-", "−") in res.stdout
+    assert f"×{d['speedup']:.2f}" in res.stdout
+
+    out = sweep / "compare"
+    md = (out / "compare.md").read_text()
+    assert "baseline" in md and other_cfg in md and "| n" in md
+    assert len(pd.read_csv(out / "runs.csv")) == 4
+    pngs = ["metric_vs_time", "params_time_metric", "learning_curves", "train_val_gap"]
+    if not SECOND:
+        pngs.append("metric_vs_strategy.lr")
+    for name in pngs:
+        assert_png(out / f"{name}.png")
+    assert "co2.png skipped" in res.stdout  # energy off: said, not drawn empty
+
+
+@pytest.mark.slow
+def test_failed_job_is_listed(tmp_path: Path) -> None:
+    proc = run_cli(["-m", *SWEEP, "strategy.lr=1e-3,-1", "seed=0"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweep = sweep_dir(tmp_path)
+    res = compare_cli([str(sweep), "--out", str(tmp_path / "cmp")], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "1 runs" not in res.stdout and "2 runs (1 completed, 1 failed)" in res.stdout
+    failed = res.stdout.split("failed runs:")[1]
+    assert "lr=-1" in failed and "use a positive learning rate" in failed
+    assert "0 (1 failed)" in res.stdout  # the configuration keeps its row
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "## Failed runs" in md and "use a positive learning rate" in md
+    runs = pd.read_csv(tmp_path / "cmp" / "runs.csv")
+    assert sorted(runs["status"]) == ["completed", "failed"]
+
+
+# -- fast tests on summaries written in the real schema -------------------------------------------
+
+def fake_run(root: Path, name: str, strategy: str, seed: int, acc: float, train: float,
+             co2: float | None = None, params: int = 1000, size: int = 4000,
+             overrides: tuple[str, ...] = (), status: str = "completed",
+             task: str = "multiclass", curve: list[tuple[float, float, int]] | None = None) -> Path:
+    """A run dir with a schema-valid summary.json (and optionally csv/metrics.csv rows of
+    ``(train/acc, val/acc, dynamic/resampled)`` per epoch)."""
+    run_dir = root / name
+    summary = {
+        "schema_version": 1, "status": status,
+        "error": None if status == "completed" else "RuntimeError: boom", "run_dir": str(run_dir),
+        "choices": {"strategy": strategy, "backbone": "small_cnn", "dataset": "synthetic",
+                    "hardware": "cpu", "seed": seed, "experiment": None},
+        "overrides": [f"strategy={strategy}", f"seed={seed}", *overrides],
+        "metrics": {"test/acc": acc, "test/auroc_macro": acc / 2} if status == "completed" else {},
+        "per_class": {}, "best_val": {"val/acc": acc, "epoch": 1}, "epochs": 2,
+        "time_s": {"setup": 1.0, "features": train / 2, "train": train / 2, "eval": 0.5,
+                   "total": train + 1.5},
+        "throughput_img_s": 100.0, "energy": {"kwh": None, "co2_kg": co2}, "peak_mem_mb": 10.0,
+        "model": {"params_total": 5000, "params_trainable": params, "size_bytes": size},
+        "data": {"task": task}, "hardware": {}, "strategy": {},
+        "env": {"python": "3", "torch": "2", "torchvision": "0", "lightning": "2", "device": "cpu",
+                "git_commit": None},
+    }
+    jsonschema.validate(summary, SCHEMA)
+    write_json_atomic(run_dir / "summary.json", summary)
+    if curve:
+        (run_dir / "csv").mkdir()
+        lines = ["epoch,step,train/acc,val/acc,dynamic/resampled"]
+        for epoch, (tr, va, res) in enumerate(curve):  # Lightning writes train and val rows apart
+            lines += [f"{epoch},{epoch},,{va},{res}", f"{epoch},{epoch},{tr},,"]
+        (run_dir / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    return run_dir
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> Path:
+    """finetune vs precomputed on two backbones' worth of lr values, two seeds each."""
+    root = tmp_path / "sweep"
+    for lr, ft_acc in (("1e-3", 0.90), ("0.01", 0.80)):
+        for seed in (0, 1):
+            fake_run(root, f"ft_{lr}_{seed}", "finetune", seed, ft_acc + 0.02 * seed, 10.0,
+                     co2=1e-3, params=1000, size=4000, overrides=(f"strategy.lr={lr}",),
+                     curve=[(0.5, 0.6, 0), (0.9, 0.7, 0)])
+            fake_run(root, f"pc_{lr}_{seed}", "precomputed", seed, ft_acc + 0.01 + 0.04 * seed,
+                     1.25, co2=2.5e-4, params=100, size=4000, overrides=(f"strategy.lr={lr}",),
+                     curve=[(0.4, 0.5, 0), (0.8, 0.4, 1), (0.9, 0.8, 0)])
+    return root
+
+
+def test_deltas_in_the_studies_form(study: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([str(study), "--out", str(tmp_path / "out")])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "out" / "compare.csv", dtype={"strategy.lr": str})
+    assert set(table["strategy.lr"]) == {"0.001", "0.01"}  # 1e-3 and 0.001 are one value
+    pc = table[table["strategy"] == "precomputed"].set_index("strategy.lr")
+    # acc: ft 0.90/0.92 vs pc 0.91/0.95 → +2 pp, paired per-seed diffs 1 and 3 pp → std √2
+    assert pc.loc["0.001", "d_metric_pp"] == pytest.approx(2.0)
+    assert pc.loc["0.001", "d_metric_pp_std"] == pytest.approx(2 ** 0.5)
+    assert pc["d_train_pct"].tolist() == pytest.approx([-87.5, -87.5])
+    assert pc["speedup"].tolist() == pytest.approx([8.0, 8.0])
+    assert pc["d_co2_pct"].tolist() == pytest.approx([-75.0, -75.0])
+    assert pc["co2_factor"].tolist() == pytest.approx([4.0, 4.0])
+    assert pc["d_params_pct"].tolist() == pytest.approx([-90.0, -90.0])
+    assert pc["d_size_pct"].tolist() == pytest.approx([0.0, 0.0])
+    assert "×8.00" in text and "−87.5 %" in text and "−75.0 %" in text and "+2.00 ± 1.41" in text
+    assert ("precomputed vs finetune (2 configurations): test/acc +2.00 pp (±0.00), "
+            "training time −87.50 % (±0.00), speed-up ×8.00") in text
+    for name in ("metric_vs_time", "params_time_metric", "co2", "learning_curves",
+                 "train_val_gap", "metric_vs_strategy.lr"):
+        assert_png(tmp_path / "out" / f"{name}.png")
+
+
+def test_default_out_sort_and_by(study: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main([str(study), "--by", "strategy", "--sort", "time", "--no-plots"])
+    text = capsys.readouterr().out
+    assert (study / "compare" / "compare.md").is_file()
+    table = pd.read_csv(study / "compare" / "compare.csv")
+    assert list(table["strategy"]) == ["precomputed", "finetune"]  # fastest first
+    assert list(table["n"]) == [4, 4] and "strategy.lr" not in table
+    assert "grouped by strategy" in text
+
+
+def test_glob_paths_and_metric(study: Path, tmp_path: Path) -> None:
+    runs = load_runs([str(study / "pc_*"), str(study / "ft_1e-3_0")])
+    assert len(runs) == 5
+    comp = compare(runs, metric="test/auroc_macro")
+    assert comp.metric == "test/auroc_macro" and comp.keys == ["strategy", "strategy.lr"]
+
+
+def test_multilabel_defaults_to_macro_auroc(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        fake_run(tmp_path, f"r{seed}", "finetune", seed, 0.5, 1.0, task="multilabel")
+    assert compare(load_runs([str(tmp_path)])).metric == "test/auroc_macro"
+
+
+def test_curves_best_so_far_gap_and_resampling(study: Path, tmp_path: Path) -> None:
+    dirs = [str(study / "pc_1e-3_0"), str(study / "pc_1e-3_1")]
+    plain = config_curve(dirs, "val/acc")
+    assert plain.mean.tolist() == pytest.approx([0.5, 0.4, 0.8]) and plain.resampled == [1]
+    best = config_curve(dirs, "val/acc", best_so_far=True)
+    assert best.mean.tolist() == pytest.approx([0.5, 0.5, 0.8])  # elitism: never goes down
+    gap = config_curve(dirs, ("train/acc", "val/acc"))
+    assert gap.mean.tolist() == pytest.approx([-0.1, 0.4, 0.1])
+    with pytest.raises(SystemExit):
+        main([str(study), "--best-so-far", "--out", str(tmp_path / "o")])
+    assert_png(tmp_path / "o" / "learning_curves.png")
+
+
+def test_failed_runs_are_listed_not_dropped(study: Path, capsys: pytest.CaptureFixture) -> None:
+    fake_run(study, "broken", "finetune", 2, 0.0, 1.0, status="failed",
+             overrides=("strategy.lr=1e-3",))
+    with pytest.raises(SystemExit):
+        main([str(study), "--no-plots"])
+    text = capsys.readouterr().out
+    assert "9 runs (8 completed, 1 failed)" in text
+    assert "RuntimeError: boom" in text.split("failed runs:")[1]
+    assert "2 (1 failed)" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--baseline", "strategy=freeze"],
+     "--baseline strategy=freeze matches no completed run; strategy has finetune, precomputed."),
+    (["--baseline", "optimizer=sgd"], "--baseline key optimizer is not a config key"),
+    (["--baseline", "strategy"], "--baseline strategy is not KEY=VALUE"),
+    (["--metric", "test/nope"], "metric test/nope is in no completed run; use --metric with one"),
+    (["--by", "nope"], "--by nope is not a config key of these runs"),
+    (["--sort", "nope"], "--sort nope is not a column of the table"),
+])
+def test_bad_input_is_one_clear_sentence(study: Path, args: list[str], message: str,
+                                         capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([str(study), "--no-plots", *args])
+    assert done.value.code != 0
+    err = capsys.readouterr().err
+    assert err.startswith("effbench-compare: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_no_summaries_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    res = compare_cli([str(tmp_path / "empty")], cwd=tmp_path)
+    assert res.returncode != 0
+    assert "no summary.json found under" in res.stderr and "Traceback" not in res.stderr
+    res = compare_cli([str(tmp_path / "missing")], cwd=tmp_path)
+    assert res.returncode != 0 and "does not exist" in res.stderr
+
+
+def test_hparams_reach_tensorboard(tmp_path: Path) -> None:
+    """TensorBoard's HParams tab gets each run's config and final metrics."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from tests.test_run import run_job
+
+    summary = run_job(tmp_path, ["trainer.max_epochs=1", "strategy.lr=0.01"])
+    assert summary["status"] == "completed", summary["error"]
+    found = None
+    for events in sorted((tmp_path / "run" / "tb").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        try:
+            found = (acc, acc.PluginTagToContent("hparams"))
+        except KeyError:  # the fit's and the test's own event files carry no HParams
+            continue
+    assert found, "no HParams plugin data in the run's TensorBoard events"
+    acc, content = found
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]).session_start_info.hparams
+    assert start["strategy"].string_value == "finetune"
+    assert start["strategy.lr"].number_value == pytest.approx(0.01)
+    assert start["seed"].number_value == 0
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/experiment"]).experiment
+    tags = {m.name.tag for m in experiment.metric_infos}
+    assert {"final/test/acc", "final/train_s", "final/params_trainable"} <= tags
+    (value,) = acc.Scalars("final/test/acc")
+    assert value.value == pytest.approx(summary["metrics"]["test/acc"])
+
+
+def test_all_failed_is_an_error_naming_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fake_run(tmp_path, "a", "finetune", 0, 0.0, 1.0, status="failed")
+    with pytest.raises(SystemExit) as done:
+        main([str(tmp_path), "--no-plots"])
+    assert done.value.code != 0
+    assert "none of the 1 runs completed" in capsys.readouterr().err
