@@ -37,7 +37,7 @@ def build_metrics(task: str, num_classes: int) -> MetricCollection:
 
 def split_scalars(values: dict[str, torch.Tensor], prefix: str,
                   class_names: list[str]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Scalar metrics as ``{prefix/name: value}`` and vector ones as ``{prefix/name: {class: v}}``."""
+    """Scalars as ``{prefix/name: value}``, vectors as ``{prefix/name: {class: value}}``."""
     scalars, per_class = {}, {}
     for name, v in values.items():
         v = v.detach().float().cpu()

@@ -11,8 +11,8 @@ log = logging.getLogger(__name__)
 
 
 class EnergyTracker:
-    """Wraps ``codecarbon.OfflineEmissionsTracker``; if codecarbon cannot measure on this machine the
-    run still completes and the summary records why energy is missing."""
+    """Wraps ``codecarbon.OfflineEmissionsTracker``; if codecarbon cannot measure on this machine
+    the run still completes and the summary records why energy is missing."""
 
     def __init__(self, enabled: bool, country: str, output_dir: Path,
                  measure_power_secs: float = 5.0) -> None:

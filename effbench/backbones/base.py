@@ -1,4 +1,4 @@
-"""The backbone contract: a plain ``nn.Module`` made of ordered stages that ends in a feature vector."""
+"""The backbone contract: a plain ``nn.Module`` of ordered stages ending in a feature vector."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class Preprocessing:
     """What the backbone's weights expect: images are resized (short side) to ``resize_size``,
-    centre-cropped to ``crop_size`` and normalised with ``mean``/``std`` (3 channels, [0, 1] scale)."""
+    centre-cropped to ``crop_size`` and normalised with ``mean``/``std`` (3 channels, [0, 1])."""
 
     crop_size: int
     resize_size: int
@@ -22,7 +22,7 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def with_size(self, image_size: int | None) -> Preprocessing:
-        """``dataset.image_size`` overrides the size: resize straight to it, no extra crop margin."""
+        """``dataset.image_size`` overrides the size: resize straight to it, no crop margin."""
         if image_size is None:
             return self
         return Preprocessing(int(image_size), int(image_size), self.mean, self.std)
@@ -38,7 +38,7 @@ class Backbone(nn.Module):
 
     The stages together hold every parameter of the backbone exactly once, so strategies can freeze,
     prune or quantise "the first k stages" of any architecture. ``frozen_prefix`` stages run without
-    autograd so that a frozen prefix keeps no activations for backward (the freezing strategy sets it).
+    autograd, so a frozen prefix keeps no activations for backward (the freeze strategy sets it).
     """
 
     def __init__(self, name: str, stages: list[nn.Module], feature_dim: int,

@@ -1,8 +1,8 @@
 """The datamodule every dataset family builds on.
 
 Images travel as ``uint8`` tensors ``(N, 3, H, W)``. Resizing/cropping to the backbone's expected
-size happens once (for in-memory datasets, at setup) or in loader workers (for datasets streamed from
-disk); normalisation and flip augmentation run as batched tensor ops on the device in
+size happens once (for in-memory datasets, at setup) or in loader workers (for datasets streamed
+from disk); normalisation and flip augmentation run as batched tensor ops on the device in
 ``on_after_batch_transfer``, so the training loop never does per-sample PIL work for small datasets.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import pytorch_lightning as pl
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -49,7 +49,7 @@ class TensorImages(Dataset):
 
 
 def resize_crop(images: torch.Tensor, pre: Preprocessing, chunk: int = 1024) -> torch.Tensor:
-    """Resize the short side to ``pre.resize_size`` and centre-crop ``pre.crop_size`` (uint8 in/out)."""
+    """Resize the short side to ``pre.resize_size``, centre-crop ``pre.crop_size`` (uint8)."""
     out = []
     for start in range(0, len(images), chunk):
         x = images[start:start + chunk]

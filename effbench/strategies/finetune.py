@@ -1,4 +1,4 @@
-"""``finetune``: the baseline — every parameter of the (pretrained) backbone and the new head trains.
+"""``finetune``: the baseline — every parameter of the (pretrained) backbone and head trains.
 
 Nothing to change around the shared fit: Adam (or SGD/AdamW), ReduceLROnPlateau and early stopping
 on the validation loss, the best checkpoint is tested (the CheXNet study's recipe).

@@ -78,3 +78,32 @@ def test_group_split_keeps_groups_whole() -> None:
     assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
     assert sum(len(i) for i in idx.values()) == 400
     assert 0.05 < len(idx["test"]) / 400 < 0.3
+
+
+def test_a_cache_being_built_elsewhere_is_waited_for(tmp_path, monkeypatch) -> None:
+    """DDP ranks start together: while one holds the build lock, the others wait and reuse."""
+    import threading
+
+    from filelock import FileLock
+
+    from effbench.data.files import ImageCache
+    from tests.data.helpers import PRE
+
+    files = sorted(write_brain_mri(tmp_path / "mri", per_class=2).rglob("*.jpg"))
+    cache = ImageCache(tmp_path / "c", PRE)
+    target = cache.folder / f"{cache.key(files)}.npy"
+    cache.folder.mkdir(parents=True)
+
+    def no_second_build(*args, **kwargs):
+        raise AssertionError("built twice")
+
+    monkeypatch.setattr(ImageCache, "_write", no_second_build)
+    other_rank = FileLock(str(target) + ".lock")
+    other_rank.acquire()
+    result: dict = {}
+    waiter = threading.Thread(target=lambda: result.setdefault("path", cache.ensure(files)))
+    waiter.start()
+    np.save(target, np.zeros((len(files), 3, 32, 32), np.uint8))  # the other rank finishes
+    other_rank.release()
+    waiter.join(60)
+    assert result["path"] == target

@@ -1,4 +1,4 @@
-"""The foundation's loaders read their real formats (tiny files generated here) and split as promised."""
+"""The foundation's loaders read their real formats (tiny generated files) and split right."""
 
 from __future__ import annotations
 
