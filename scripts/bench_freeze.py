@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -36,6 +37,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (first is warm-up)")
     p.add_argument("--rounds", type=int, default=2, help="runs per k, interleaved")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads; 1 keeps timings stable on a shared CPU (with "
+                        "other jobs running, 2 OpenMP threads were 5x slower than 1 here)")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "freeze_epoch_time.png")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. hardware=cpu")
     return p.parse_args()
@@ -79,7 +83,8 @@ def bench(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     base = results[next(iter(results))]["median"]
     print(f"\n{args.backbone} (weights=null) on {args.dataset} at {args.image_size} px, "
-          f"{args.rounds} runs x {args.epochs - 1} timed epochs per k (median):")
+          f"{torch.get_num_threads()} thread(s), {args.rounds} runs x {args.epochs - 1} timed "
+          "epochs per k (median):")
     print(f"{'frozen_stages':>13} {'trainable params':>17} {'epoch s':>8} {'min':>7} {'max':>7} "
           f"{'vs k=0':>7}")
     for k, res in results.items():
@@ -121,6 +126,7 @@ def plot(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
+    torch.set_num_threads(args.threads)
     results = bench(args)
     report(results, args)
     plot(results, args)

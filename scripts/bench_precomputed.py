@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -47,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep-epochs", type=int, default=2, help="(b): epochs of every sweep job")
     p.add_argument("--skip", choices=["a", "b"], help="leave out one part")
     p.add_argument("--energy", action="store_true", help="also measure energy (codecarbon)")
+    p.add_argument("--threads", type=int, help="torch CPU threads for every job (e.g. 1 on a "
+                   "shared, oversubscribed CPU: both sides get the same)")
     p.add_argument("--json", type=Path, help="write all figures here")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. hardware=cpu")
     return p.parse_args()
@@ -114,7 +117,7 @@ def part_b(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def report(args: argparse.Namespace, a: dict | None, b: dict | None) -> None:
     print(f"\n== precomputed vs finetune: {args.backbone} (weights={args.weights}) on "
-          f"{args.dataset} at {args.image_size} px ==")
+          f"{args.dataset} at {args.image_size} px, {torch.get_num_threads()} CPU threads ==")
     if a:
         ok = "meets" if a["time_reduction"] >= GOALS["a_time_reduction"] else "MISSES"
         print(f"(a) {a['epochs']} epochs: finetune {a['finetune_s']:.1f} s (acc "
@@ -138,6 +141,8 @@ def report(args: argparse.Namespace, a: dict | None, b: dict | None) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_precomputed_") as tmp:
         a = part_a(args, Path(tmp)) if args.skip != "a" else None
         b = part_b(args, Path(tmp)) if args.skip != "b" else None

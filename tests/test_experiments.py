@@ -19,7 +19,12 @@ PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SHRINK = ["hardware=cpu", "hardware.num_workers=0", "backbone.weights=null",
           "dataset.image_size=32", "tracking.energy=false", "trainer.max_epochs=1",
           "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-          "trainer.limit_test_batches=1", *FAST]
+          "trainer.limit_test_batches=1", "dataset.batch_size=8", "dataset.eval_batch_size=8",
+          *FAST]
+# The studies' absolute image counts exceed the generated data (later overrides win).
+SHRINK_STRATEGY = {"dynamic": ["strategy.alpha=0.5"]}
+# Big models whose strategy does heavy per-step or final work (pruning masks, int8 conversion).
+SLOW_STRATEGIES = {"prune", "qat"}
 
 # The smallest data of each format that still splits (precomputed passes over all of it).
 SMALL = {**WRITERS, "brain_mri": partial(write_brain_mri, per_class=6),
@@ -29,7 +34,8 @@ SMALL = {**WRITERS, "brain_mri": partial(write_brain_mri, per_class=6),
 def run_preset_job(tmp_path: Path, overrides: list[str]) -> dict:
     """One job in-process, the user's overrides then the shrinking ones (unlike ``run_job``, no
     ``dataset=synthetic`` that would beat a preset's dataset)."""
-    cfg = compose_cfg([*overrides, *SHRINK])
+    strategy = compose_cfg(overrides).strategy.name
+    cfg = compose_cfg([*overrides, *SHRINK, *SHRINK_STRATEGY.get(strategy, [])])
     choices = dict(cfg.hydra.runtime.choices)
     OmegaConf.set_struct(cfg, False)
     del cfg["hydra"]
@@ -52,7 +58,14 @@ def test_there_are_presets() -> None:
     assert PRESETS
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+def _param(preset: str):
+    """Presets that switch to a slow strategy are marked slow (they still run by default)."""
+    text = (CONF / "experiment" / f"{preset}.yaml").read_text()
+    slow = any(f"override /strategy: {name}" in text for name in SLOW_STRATEGIES)
+    return pytest.param(preset, marks=pytest.mark.slow) if slow else preset
+
+
+@pytest.mark.parametrize("preset", [_param(p) for p in PRESETS])
 def test_preset_runs_one_step(preset: str, tmp_path: Path) -> None:
     grid = sweep_params(preset)
     first_point = [f"{k}={v[0]}" for k, v in grid.items()]

@@ -205,3 +205,18 @@ def test_unfreezing_needs_something_frozen(tmp_path: Path) -> None:
     summary = run_job(tmp_path, [*R18, "strategy.frozen_stages=0",
                                  "strategy.unfreeze_at_epochs=[1]"])
     assert summary["status"] == "failed" and "nothing to unfreeze" in summary["error"]
+
+
+def test_gradual_unfreezing_refuses_ddp() -> None:
+    """DDP fixes its synchronised parameters when it wraps the model: later unfreezing would let
+    ranks diverge, so it is refused with one sentence (a static freeze is fine)."""
+    from types import SimpleNamespace
+
+    from effbench.errors import EffbenchError
+
+    ddp = SimpleNamespace(world_size=2)
+    module = SimpleNamespace(backbone=build_backbone("small_cnn"))
+    with pytest.raises(EffbenchError, match=r"unfreeze_at_epochs=\[2\] cannot run on 2 processes"):
+        FreezeSchedule("all", 0, True, [2], None, 0.1).setup(ddp, module, "fit")
+    FreezeSchedule(1, 0, True, [], None, 0.1).freeze_before_training(module)
+    assert module.backbone.frozen_prefix == 2

@@ -139,3 +139,19 @@ def test_cli_sweep_extracts_once(tmp_path: Path) -> None:
     assert len(summaries) == 4 and all(s["status"] == "completed" for s in summaries)
     assert [s["strategy"]["cache_hit"] for s in summaries] == [False, True, True, True]
     assert len(list((cache / "features").glob("*.pt"))) == 4  # BN state + 3 splits, once
+
+
+@pytest.mark.slow
+def test_concurrent_jobs_share_one_extraction(tmp_path: Path) -> None:
+    """Two jobs at once (joblib launcher, separate processes): one extracts, the other waits on
+    the cache lock and loads; the cache ends up whole, without temp files."""
+    cache = tmp_path / "shared-cache"
+    args = ["-m", *PRE, "strategy.lr=1e-3,1e-4", *TINY, "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sweep"]
+    result = run_cli(args, cwd=tmp_path, env={"EFFBENCH_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")]
+    assert all(s["status"] == "completed" for s in summaries) and len(summaries) == 2
+    assert sorted(s["strategy"]["cache_hit"] for s in summaries) == [False, True]
+    assert len(list((cache / "features").glob("*.pt"))) == 4
+    assert not list((cache / "features").glob("*.tmp"))
