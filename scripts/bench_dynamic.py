@@ -3,7 +3,7 @@
 Synthetic CIFAR-shaped data (32 px, 10 classes) and the study's ``cifar_cnn14``, run side by side
 in one process on this machine; prints train time, the time ratio and the accuracies.
 
-    .venv/bin/python scripts/bench_dynamic.py                  # ~3-5 min on 2 shared CPU cores
+    .venv/bin/python scripts/bench_dynamic.py   # ~4 CPU-min; 9-14 min wall on 2 busy shared cores
     .venv/bin/python scripts/bench_dynamic.py --epochs 3 --num-train 8000 --variants base adaptive
 """
 
