@@ -49,8 +49,12 @@ def sweep_params(preset: str) -> dict[str, list[str]]:
     out = {}
     for key, value in params.items():
         override = parser.parse_override(f"{key}={value}")
-        out[key] = (list(override.sweep_string_iterator()) if override.is_sweep_override()
-                    else [override.get_value_element_as_str()])
+        if not override.is_sweep_override():
+            out[key] = [override.get_value_element_as_str()]
+        elif override.is_discrete_sweep():  # a,b / choice() / range()
+            out[key] = list(override.sweep_string_iterator())
+        else:  # interval() of Optuna-style sweepers: its two ends
+            out[key] = [str(override.value().start), str(override.value().end)]
     return out
 
 
