@@ -20,6 +20,7 @@ SHRINK = ["hardware=cpu", "hardware.num_workers=0", "backbone.weights=null",
           "dataset.image_size=32", "tracking.energy=false", "trainer.max_epochs=1",
           "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
           "trainer.limit_test_batches=1", "dataset.batch_size=8", "dataset.eval_batch_size=8",
+          "dataset.max_samples=48",
           *FAST]
 # The studies' absolute image counts exceed the generated data (later overrides win).
 SHRINK_STRATEGY = {"dynamic": ["strategy.alpha=0.5"]}
