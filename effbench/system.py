@@ -43,7 +43,7 @@ class ClassifierSystem(pl.LightningModule):
         loss = self.loss_fn(logits, y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(y), sync_dist=True)
-        self.train_acc(logits.detach().float(), self._targets(y))
+        self.train_acc.update(logits.detach().float(), self._targets(y))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
