@@ -48,8 +48,12 @@ class Precomputed(Strategy):
                  dropout: float = 0.3, ambiguity_weight: float = 1.0, bn_adapt: bool = True,
                  bn_threshold: float = 0.01, bn_max_passes: int = 10,
                  bn_momentum: float | None = None, head_batch_size: int | None = None,
-                 eval_on: str = "model", **kwargs: Any) -> None:
+                 eval_on: str = "model", head_threads: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
+        # CPU threads for head training (null: torch's default). 1 helps on an oversubscribed
+        # machine, where a descheduled OpenMP worker stalls every small op.
+        self.head_threads = head_threads
         self.head, self.hidden, self.dropout = head, hidden, dropout
         self.ambiguity_weight, self.bn_adapt = ambiguity_weight, bn_adapt
         self.bn_threshold, self.bn_max_passes, self.bn_momentum = (bn_threshold, bn_max_passes,
@@ -183,7 +187,7 @@ class Precomputed(Strategy):
             for logger in loggers:
                 logger.log_metrics(row, step=step)
 
-        with cpu_threads(1 if device.type == "cpu" else None):
+        with cpu_threads(self.head_threads if device.type == "cpu" else None):
             result = train_head(sys_.head, sys_.loss_fn, sys_.configure_optimizers(),
                                 on["train"], on["val"], dm.task, sys_.class_names, cfg, log)
         for logger in loggers:
