@@ -219,3 +219,18 @@ def _fill_results(summary: dict[str, Any], ctx: RunContext) -> None:
     images = ctx.counter.images or ctx.extra.get("train_images")
     summary["throughput_img_s"] = images / train_time if images and train_time else None
     summary["hardware"] = {"world_size": ctx.world_size}
+
+
+def run_overrides(overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    """One job from command-line style overrides, composed as the CLI would, in this process
+    (benchmarks, notebooks, tests)."""
+    from hydra import compose, initialize_config_dir
+
+    from effbench.cli import CONF_DIR  # also registers the config resolvers
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    OmegaConf.set_struct(cfg, False)
+    del cfg["hydra"]
+    return run(cfg, run_dir, choices, list(overrides))

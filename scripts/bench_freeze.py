@@ -18,12 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-import effbench.cli  # noqa: F401 - registers the config resolvers
-from effbench.cli import CONF_DIR
-from effbench.run import run
+from effbench.run import run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 0.7  # with the frozen prefix outside autograd, k=4 should cost at most 0.7x of k=0
@@ -52,12 +48,7 @@ def one_run(args: argparse.Namespace, k: str, run_dir: Path) -> dict[str, Any]:
                  "strategy.checkpoint=false", "strategy.early_stopping=null",
                  "trainer.progress_bar=false", "tracking.energy=false", "hardware=cpu",
                  *args.overrides]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    choices = dict(cfg.hydra.runtime.choices)
-    OmegaConf.set_struct(cfg, False)
-    del cfg["hydra"]
-    summary = run(cfg, run_dir, choices, overrides)
+    summary = run_overrides(overrides, run_dir)
     if summary["status"] != "completed":
         raise SystemExit(f"frozen_stages={k} failed: {summary['error']}")
     return summary

@@ -27,12 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-import effbench.cli  # noqa: F401 - registers the config resolvers
-from effbench.cli import CONF_DIR
-from effbench.run import run
+from effbench.run import run_overrides
 
 GOALS = {"a_time_reduction": 0.85, "b_speedup": 28.0}  # issue 4's targets (the study's figures)
 
@@ -62,12 +58,7 @@ def job(args: argparse.Namespace, strategy: str, epochs: int, lr: float, cache: 
                  f"strategy={strategy}", f"strategy.lr={lr:g}", f"trainer.max_epochs={epochs}",
                  f"cache_dir={cache}", "trainer.progress_bar=false",
                  f"tracking.energy={str(args.energy).lower()}", *args.overrides]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    choices = dict(cfg.hydra.runtime.choices)
-    OmegaConf.set_struct(cfg, False)
-    del cfg["hydra"]
-    summary = run(cfg, run_dir, choices, overrides)
+    summary = run_overrides(overrides, run_dir)
     if summary["status"] != "completed":
         raise SystemExit(f"{strategy} lr={lr:g} failed: {summary['error']}")
     t = summary["time_s"]

@@ -8,22 +8,16 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from effbench.run import run
+from effbench.run import run_overrides
 from effbench.summary import SCHEMA
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import FAST
 
 TINY = ["dataset=synthetic", "dataset.num_train=96", "dataset.num_val=32", "dataset.num_test=32",
         "dataset.batch_size=32", "trainer.max_epochs=2", "tracking.energy=false", *FAST]
 
 
 def run_job(tmp_path: Path, overrides: list[str]) -> dict:
-    cfg = compose_cfg([*TINY, *overrides])
-    choices = dict(cfg.hydra.runtime.choices)
-    from omegaconf import OmegaConf
-
-    OmegaConf.set_struct(cfg, False)
-    del cfg["hydra"]
-    return run(cfg, tmp_path / "run", choices, overrides)
+    return run_overrides([*TINY, *overrides], tmp_path / "run")
 
 
 def load_summary(run_dir: Path) -> dict:
