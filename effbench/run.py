@@ -151,7 +151,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     times: dict[str, float] = {}
     tracker = EnergyTracker(bool(cfg.tracking.energy) and rank_zero_only.rank == 0,
                             cfg.tracking.country, run_dir)
-    accelerator = "cpu"
+    accelerator, ctx = "cpu", None
     try:
         validate(cfg)
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -183,7 +183,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     summary["time_s"] = {**times, "total": time.perf_counter() - start}
     summary["peak_mem_mb"] = peak_memory_mb(accelerator)
     summary["env"] = environment(device_name(accelerator), original_cwd)
-    summary["hardware"] = _hardware(cfg, accelerator, summary)
+    summary["hardware"] = _hardware(cfg, accelerator, ctx.world_size if ctx else 1)
     if rank_zero_only.rank == 0:
         write_json_atomic(run_dir / "summary.json", summary)
         if _resolvable(cfg):
@@ -199,11 +199,11 @@ def _resolvable(cfg: DictConfig) -> bool:
         return False
 
 
-def _hardware(cfg: DictConfig, accelerator: str, summary: dict) -> dict[str, Any]:
+def _hardware(cfg: DictConfig, accelerator: str, world_size: int) -> dict[str, Any]:
     hw = cfg.hardware
     return {"preset": hw.name, "accelerator": accelerator, "devices": str(cfg.trainer.devices),
             "strategy": str(cfg.trainer.strategy), "precision": str(cfg.trainer.precision),
-            "world_size": summary.get("hardware", {}).get("world_size", 1),
+            "world_size": world_size,
             "specs": OmegaConf.to_container(hw.specs, resolve=True)}
 
 
@@ -218,7 +218,6 @@ def _fill_results(summary: dict[str, Any], ctx: RunContext) -> None:
     train_time = ctx.times.get("train")
     images = ctx.counter.images or ctx.extra.get("train_images")
     summary["throughput_img_s"] = images / train_time if images and train_time else None
-    summary["hardware"] = {"world_size": ctx.world_size}
 
 
 def run_overrides(overrides: list[str], run_dir: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from effbench.compression import zipped_state_dict_bytes
 from effbench.errors import EffbenchError
 from effbench.strategies.prune import PolynomialSchedule, Prune, layer_sparsity
 from effbench.summary import state_dict_bytes
-from tests.conftest import FAST, run_cli
+from tests.conftest import TINY_MULTILABEL, run_cli
 from tests.test_run import load_summary, run_job
 
 SMALL = ["strategy=prune", "backbone=small_cnn", "dataset.multilabel=true"]
@@ -191,11 +191,8 @@ def test_adaptive_without_targets_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_cli_run(tmp_path: Path) -> None:
-    res = run_cli(["strategy=prune", "backbone=small_cnn", "dataset=synthetic",
-                   "dataset.multilabel=true", "dataset.num_train=64", "dataset.num_val=32",
-                   "dataset.num_test=32", "trainer.max_epochs=2", "strategy.end=1.5",
-                   "tracking.energy=false", f"hydra.run.dir={tmp_path / 'run'}", *FAST],
-                  cwd=tmp_path)
+    res = run_cli(["strategy=prune", *TINY_MULTILABEL, "trainer.max_epochs=2", "strategy.end=1.5",
+                   f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     s = load_summary(tmp_path / "run")
     assert s["status"] == "completed" and "test/auroc_macro" in s["metrics"]

@@ -12,7 +12,7 @@ from torchao.quantization.pt2e import FakeQuantizeBase
 from effbench.compression import module_bytes
 from effbench.errors import EffbenchError
 from effbench.strategies.qat import Qat, agreement, convert_int8, lower_x86, prepare_qat
-from tests.conftest import FAST, run_cli
+from tests.conftest import TINY_MULTILABEL, run_cli
 from tests.test_run import load_summary, run_job
 
 SMALL = ["strategy=qat", "backbone=small_cnn", "dataset.multilabel=true", "dataset.num_test=40",
@@ -88,10 +88,8 @@ def test_bad_scope_names_the_key() -> None:
 
 
 def test_cli_run(tmp_path: Path) -> None:
-    res = run_cli(["strategy=qat", "backbone=small_cnn", "dataset=synthetic",
-                   "dataset.multilabel=true", "dataset.num_train=64", "dataset.num_val=32",
-                   "dataset.num_test=32", "trainer.max_epochs=1", "strategy.latency_min_time=0.1",
-                   "tracking.energy=false", f"hydra.run.dir={tmp_path / 'run'}", *FAST],
+    res = run_cli(["strategy=qat", *TINY_MULTILABEL, "trainer.max_epochs=1",
+                   "strategy.latency_min_time=0.1", f"hydra.run.dir={tmp_path / 'run'}"],
                   cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     s = load_summary(tmp_path / "run")
