@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import pickle
+import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -122,21 +123,49 @@ def write_medmnist(root: Path, flag: str = "pathmnist", classes: int = 9, multil
     return root
 
 
+class Py2Pickler(pickle._Pickler):
+    """Writes pickles as Python 2's cPickle did for the official CIFAR-10 files: byte strings as
+    py2 ``str`` opcodes and numpy's globals under their old ``numpy.core`` names."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def __init__(self, file) -> None:
+        super().__init__(file, protocol=2)
+
+    def save_py2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        head = (pickle.SHORT_BINSTRING + bytes([n]) if n < 256
+                else pickle.BINSTRING + struct.pack("<i", n))
+        self.write(head + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+    def save_global(self, obj, name=None) -> None:
+        module = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+    dispatch[type] = save_global
+
+
 def write_cifar10(root: Path, per_batch: int = 20) -> Path:
-    """``cifar-10-batches-py/`` with 5 train pickles, ``test_batch`` and ``batches.meta``."""
+    """``cifar-10-batches-py/`` with 5 train pickles, ``test_batch`` and ``batches.meta``, written
+    in the official archive's Python-2 pickle format (bytes keys and strings, uint8 arrays)."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        entry = {"batch_label": name, "labels": [i % 10 for i in range(per_batch)],
-                 "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}
+        entry = {b"batch_label": name.encode(), b"labels": [i % 10 for i in range(per_batch)],
+                 b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)]}
         with open(folder / name, "wb") as f:
-            pickle.dump(entry, f)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-             "truck"]
+            Py2Pickler(f).dump(entry)
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
+             b"ship", b"truck"]
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch}, f)
+        Py2Pickler(f).dump({b"label_names": names, b"num_cases_per_batch": per_batch,
+                            b"num_vis": 3072})
     return root
 
 
