@@ -1,4 +1,8 @@
-"""The ``effbench`` command: a Hydra app over ``conf/`` that runs one job per composed config."""
+"""The ``effbench`` command: a Hydra app over ``conf/`` that runs one job per composed config.
+
+Kept light: torch and Lightning are imported only when a job runs, so ``--help``, ``--cfg job``
+and config errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -11,27 +15,20 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_only
+from omegaconf import DictConfig
 
+from effbench.config import CONF_DIR
 from effbench.report import print_report
 
 log = logging.getLogger("effbench")
 
 
-def _user_cache_dir() -> str:
-    """Where caches go unless ``EFFBENCH_CACHE_DIR`` says otherwise (XDG on Linux)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "effbench")
-
-
-if not OmegaConf.has_resolver("user_cache_dir"):
-    OmegaConf.register_new_resolver("user_cache_dir", _user_cache_dir)
-
-
-# conf/ sits beside the package (the editable install keeps it there); an absolute path works both
-# from the console script and from ``python -m effbench.cli``.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+def _global_rank() -> int:
+    """Lightning's rank environment variables (read without importing Lightning)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -42,16 +39,21 @@ def _app(cfg: DictConfig) -> Any:
     choices = dict(hc.runtime.choices)
     summary = run(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task),
                   original_cwd=hydra.utils.get_original_cwd())
-    if rank_zero_only.rank == 0:
+    if _global_rank() == 0:
         print_report(summary)
     if summary["status"] != "completed" and hc.mode != RunMode.MULTIRUN:
         sys.exit(1)  # one sentence already printed; a sweep instead records it and goes on
-    metric = cfg.get("objective", "test/acc")
-    return summary["metrics"].get(metric, summary["best_val"].get(metric))
+    # The sweeper gets the validation objective recorded in the summary (never a test metric
+    # unless objective_on_test=true; validate.py).
+    return (summary.get("objective") or {}).get("value")
 
 
 def main() -> None:
+    from effbench.sweep_report import FAILED_JOBS
+
     _app()
+    if FAILED_JOBS:  # the sweep finished every job; say it did not all go well
+        sys.exit(1)
 
 
 if __name__ == "__main__":

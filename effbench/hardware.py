@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -49,7 +50,21 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def trainer_kwargs(hardware: DictConfig, trainer: DictConfig) -> dict[str, Any]:
+def plan_precision(requested: str, accelerator: str, required: str | None, explicit: bool,
+                   who: str) -> str:
+    """The precision that will run. A technique that needs one (qat: fake quantization in fp32)
+    gets it instead of the preset's; a user's explicit other choice is refused, not ignored."""
+    resolved = resolve_precision(requested, accelerator)
+    if required is None or resolved == required:
+        return resolved
+    if explicit:
+        raise EffbenchError(f"{who} trains in {required} precision, so trainer.precision="
+                            f"{requested} cannot take effect; remove trainer.precision=… .")
+    return required
+
+
+def trainer_kwargs(hardware: DictConfig, trainer: DictConfig, required_precision: str | None = None,
+                   explicit_precision: bool = False, who: str = "this strategy") -> dict[str, Any]:
     """Trainer arguments for this machine; ``trainer.*`` values override the preset's."""
     wanted = _wanted_devices(trainer.devices)
     accelerator = resolve_accelerator(hardware.accelerator, hardware.name, wanted)
@@ -60,8 +75,33 @@ def trainer_kwargs(hardware: DictConfig, trainer: DictConfig) -> dict[str, Any]:
         "accelerator": accelerator,
         "devices": trainer.devices if trainer.devices not in (None,) else "auto",
         "strategy": trainer.strategy or "auto",
-        "precision": resolve_precision(trainer.precision, accelerator),
+        "precision": plan_precision(str(trainer.precision), accelerator, required_precision,
+                                    explicit_precision, who),
     }
+
+
+def apply_cpu_threads(hardware: DictConfig, plan: dict[str, Any]) -> int:
+    """torch's intra-op threads for this process. ``auto``: the usable cores divided among the
+    processes of this machine (DDP ranks on CPU), so ranks do not fight over the same cores —
+    oversubscription made a 2-core run 5× slower. A number: exactly that many."""
+    wanted = hardware.get("cpu_threads", "auto")
+    if wanted in (None, "auto"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        ranks = _wanted_devices(plan.get("devices")) or 1 if plan["accelerator"] == "cpu" else 1
+        threads = max(1, cores // max(1, ranks))
+    elif isinstance(wanted, int) and not isinstance(wanted, bool) and wanted >= 1:
+        threads = wanted
+    else:
+        raise EffbenchError(f"invalid value hardware.cpu_threads={wanted!r}: use auto or a "
+                            "number of threads such as 2.")
+    torch.set_num_threads(threads)
+    return threads
+
+
+def torch_device(accelerator: str) -> torch.device:
+    """The torch device a Lightning accelerator name means (for loops outside the Trainer)."""
+    return torch.device({"gpu": "cuda", "cuda": "cuda", "mps": "mps"}.get(accelerator, "cpu"))
 
 
 def device_name(accelerator: str) -> str:

@@ -10,6 +10,15 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def _energy_note(e: dict[str, Any]) -> str:
+    """Says how the energy figure was obtained: an estimate from TDP restates time."""
+    modes = e.get("mode") or {}
+    if not modes:
+        return ""
+    parts = ", ".join(f"{k} {v}" for k, v in modes.items() if v)
+    return f" ({'ESTIMATED' if e.get('estimated') else 'measured'}: {parts})"
+
+
 def print_report(s: dict[str, Any], stream: Any = None) -> None:
     out = stream or sys.stdout
     c = s["choices"]
@@ -27,8 +36,14 @@ def print_report(s: dict[str, Any], stream: Any = None) -> None:
         f"{_fmt(m.get('test/f1_macro'))}   auroc_macro {_fmt(m.get('test/auroc_macro'))}",
         f"  time s: {phases}   throughput {_fmt(s['throughput_img_s'], '.0f')} img/s   "
         f"epochs {s['epochs']}",
-        f"  energy {_fmt(e.get('kwh'), '.3g')} kWh   CO2 {_fmt(e.get('co2_kg'), '.3g')} kg   "
-        f"params {s['model']['params_total']:,} ({s['model']['params_trainable']:,} trainable)",
-        f"  outputs: {s['run_dir']} (summary.json, csv/metrics.csv, tb/)",
+        f"  energy {_fmt(e.get('kwh'), '.3g')} kWh   CO2 {_fmt(e.get('co2_kg'), '.3g')} kg"
+        f"{_energy_note(e)}   params {s['model']['params_total']:,} "
+        f"({s['model']['params_trainable']:,} trainable)",
     ]
+    if s.get("headline"):
+        lines.append(f"  {c['strategy']}: {s['headline']}")
+    obj = s.get("objective") or {}
+    if obj.get("metric"):
+        lines.append(f"  objective {obj['metric']} = {_fmt(obj.get('value'))}")
+    lines.append(f"  outputs: {s['run_dir']} (summary.json, csv/metrics.csv, tb/)")
     print("\n".join(lines), file=out)

@@ -1,13 +1,13 @@
-"""One run: validate → seed → datamodule + model → ``strategy`` → test → ``summary.json``."""
+"""One run: validate → own the run dir → seed → datamodule + model → ``strategy`` → test →
+``summary.json``."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +15,16 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from effbench.compare.hparams import log_hparams
+from effbench.context import RunContext, RunRecord
 from effbench.data.base import ImageDataModule
-from effbench.errors import EffbenchError
-from effbench.hardware import device_name, trainer_kwargs
+from effbench.errors import EffbenchError, user_message
+from effbench.hardware import apply_cpu_threads, device_name, trainer_kwargs
 from effbench.losses import build_loss
+from effbench.rundir import RunDirLock, check_resume, check_resume_matches, write_text_atomic
 from effbench.strategies.base import Strategy
 from effbench.summary import (
     SCHEMA_VERSION,
@@ -34,8 +34,8 @@ from effbench.summary import (
     write_json_atomic,
 )
 from effbench.system import ClassifierSystem
-from effbench.tracking import EnergyTracker
-from effbench.validate import validate
+from effbench.tracking import EnergyTracker, check_country
+from effbench.validate import check_strategy_trainer_keys, validate
 
 log = logging.getLogger(__name__)
 
@@ -44,74 +44,13 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 
-class SampleCounter(Callback):
-    """Counts training images actually processed (all ranks), for the throughput figure."""
-
-    def __init__(self) -> None:
-        self.images = 0
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.images += len(batch[1]) * trainer.world_size
-
-
-@dataclass
-class RunContext:
-    """Everything a strategy needs; strategies add phase times and ``extra`` summary entries."""
-
-    cfg: DictConfig
-    run_dir: Path
-    datamodule: ImageDataModule
-    system: ClassifierSystem
-    trainer_args: dict[str, Any]
-    times: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    epochs: int | None = None
-    counter: SampleCounter = field(default_factory=SampleCounter)
-    world_size: int = 1
-    _loggers: list | None = None
-
-    @property
-    def resume_from(self) -> str | None:
-        return self.cfg.get("resume") or None
-
-    @contextmanager
-    def phase(self, name: str):
-        """Adds the wall time of the block to ``time_s[name]``."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
-
-    def loggers(self) -> list:
-        if self._loggers is None:
-            self._loggers = [TensorBoardLogger(self.run_dir, name="tb", version="",
-                                               default_hp_metric=False),
-                             CSVLogger(self.run_dir, name="csv", version="")]
-        return self._loggers
-
-    def make_trainer(self, callbacks: list[Callback], **overrides: Any) -> pl.Trainer:
-        t = self.cfg.trainer
-        kwargs = dict(self.trainer_args, max_epochs=int(t.max_epochs),
-                      deterministic=t.deterministic, logger=self.loggers(),
-                      callbacks=[*callbacks, self.counter], default_root_dir=str(self.run_dir),
-                      enable_progress_bar=bool(t.progress_bar),
-                      enable_model_summary=bool(t.model_summary),
-                      log_every_n_steps=int(t.log_every_n_steps),
-                      num_sanity_val_steps=0, limit_train_batches=t.limit_train_batches,
-                      limit_val_batches=t.limit_val_batches,
-                      limit_test_batches=t.limit_test_batches,
-                      gradient_clip_val=t.gradient_clip_val)
-        kwargs.update(overrides)
-        trainer = pl.Trainer(**kwargs)
-        self.world_size = trainer.world_size
-        return trainer
-
-
-def build_context(cfg: DictConfig, run_dir: Path, strategy: Strategy) -> RunContext:
+def build_context(cfg: DictConfig, run_dir: Path, strategy: Strategy,
+                  overrides: list[str]) -> RunContext:
     """Data, backbone, head, loss and the Lightning system, ready for the strategy."""
-    targs = trainer_kwargs(cfg.hardware, cfg.trainer)
+    targs = trainer_kwargs(cfg.hardware, cfg.trainer, strategy.requires_precision,
+                           explicit_precision=_set_by_user("trainer.precision", overrides),
+                           who=f"strategy={strategy.name}")
+    apply_cpu_threads(cfg.hardware, targs)
     backbone = instantiate(cfg.backbone, image_size=cfg.dataset.image_size)
     dm: ImageDataModule = instantiate(cfg.dataset, _convert_="all")
     dm.configure(backbone.preprocessing.with_size(cfg.dataset.image_size))
@@ -127,6 +66,10 @@ def build_context(cfg: DictConfig, run_dir: Path, strategy: Strategy) -> RunCont
     return RunContext(cfg=cfg, run_dir=run_dir, datamodule=dm, system=system, trainer_args=targs)
 
 
+def _set_by_user(key: str, overrides: list[str]) -> bool:
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
+
+
 def new_summary(cfg: DictConfig, run_dir: Path, choices: dict[str, str],
                 overrides: list[str]) -> dict[str, Any]:
     return {
@@ -135,60 +78,135 @@ def new_summary(cfg: DictConfig, run_dir: Path, choices: dict[str, str],
         "choices": {**{k: choices.get(k) for k in ("strategy", "backbone", "dataset", "hardware")},
                     "seed": cfg.get("seed"), "experiment": choices.get("experiment")},
         "overrides": list(overrides), "metrics": {}, "per_class": {}, "best_val": {},
+        "objective": {"metric": cfg.get("objective"), "value": None},
         "epochs": None, "time_s": {}, "throughput_img_s": None,
         "energy": {"kwh": None, "co2_kg": None}, "peak_mem_mb": None,
         "model": {"params_total": None, "params_trainable": None, "size_bytes": None},
-        "data": {}, "hardware": {}, "env": {}, "strategy": {},
+        "data": {}, "hardware": {}, "env": {}, "strategy": {}, "resumed_from": None,
+        "headline": None,
     }
 
 
 def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str],
         original_cwd: str | Path = ".") -> dict[str, Any]:
-    """Runs one job and returns (and, on rank 0, writes) its summary. Never raises."""
+    """Runs one job and returns (and, on rank 0, writes) its summary. Never raises.
+
+    The run dir is claimed first: a dir that holds another completed run (unless resuming it) or
+    that another live job holds is refused, and nothing is written into it.
+    """
     run_dir = Path(run_dir)
     summary = new_summary(cfg, run_dir, choices, overrides)
     start = time.perf_counter()
+    load_at_start = os.getloadavg()
+    rank0 = rank_zero_only.rank == 0
+    lock = RunDirLock(run_dir, cfg.get("resume"))
+    try:
+        if rank0:
+            lock.acquire()
+    except EffbenchError as err:
+        summary["error"] = str(err)  # not ours to write into: report, leave the dir untouched
+        return summary
+    try:
+        return _run_owned(cfg, run_dir, summary, overrides, start, load_at_start, original_cwd)
+    finally:
+        lock.release()
+
+
+def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], overrides: list[str],
+               start: float, load_at_start: tuple[float, ...],
+               original_cwd: str | Path) -> dict[str, Any]:
+    rank0 = rank_zero_only.rank == 0
     times: dict[str, float] = {}
-    tracker = EnergyTracker(bool(cfg.tracking.energy) and rank_zero_only.rank == 0,
-                            cfg.tracking.country, run_dir)
+    tracker = EnergyTracker(bool(cfg.tracking.energy) and rank0, cfg.tracking.country, run_dir)
     accelerator, ctx = "cpu", None
     try:
         validate(cfg)
+        if cfg.tracking.energy:
+            check_country(cfg.tracking.country)
+        resume = check_resume(cfg.get("resume"))
+        summary["resumed_from"] = resume["path"] if resume else None
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         strategy: Strategy = instantiate(cfg.strategy, _convert_="all")
-        ctx = build_context(cfg, run_dir, strategy)
+        check_strategy_trainer_keys(strategy, cfg)
+        ctx = build_context(cfg, run_dir, strategy, overrides)
+        ctx.resume = resume
+        ctx.record = RunRecord(tracker.kwh_so_far)
         accelerator = ctx.trainer_args["accelerator"]
+        strategy.check(ctx)
         strategy.configure_model(ctx)
+        check_resume_matches(resume, ctx.system)
         ctx.times["setup"] = time.perf_counter() - start
         times = ctx.times
         tracker.start()
         strategy.fit(ctx)
         summary["strategy"] = {**strategy.describe(), **ctx.extra, **strategy.finalize(ctx)}
-        summary["energy"] = tracker.stop()
+        summary["energy"] = _whole_run_energy(tracker.stop(), ctx.record)
         _fill_results(summary, ctx)
-        if rank_zero_only.rank == 0:
-            log_hparams(ctx, summary)  # TensorBoard's HParams tab: config + final metrics
+        summary["objective"] = objective(cfg, summary)
+        summary["headline"] = strategy.headline(summary)
+        if rank0:  # TensorBoard's HParams tab: config + final metrics
+            log_hparams(ctx.loggers(), cfg, {**summary, "time_s": dict(ctx.times)})
         summary["status"] = "completed"
-    except EffbenchError as err:
-        summary["error"] = str(err)
     except Exception as err:  # noqa: BLE001 - a failed job is recorded, the sweep goes on
-        summary["error"] = f"{type(err).__name__}: {err}"
-        if rank_zero_only.rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.log").write_text(traceback.format_exc())
-        log.exception("run failed")
+        message = user_message(err)
+        if message is not None:
+            summary["error"] = message
+        else:
+            summary["error"] = f"{type(err).__name__}: {err}"
+            if rank0:
+                _write_error_log(run_dir, traceback.format_exc())
+            log.exception("run failed")
     finally:
         if summary["status"] != "completed" and tracker._tracker is not None:
             summary["energy"] = tracker.stop()
     summary["time_s"] = {**times, "total": time.perf_counter() - start}
+    if ctx is not None and ctx.record.before["train_s"]:
+        summary["time_s"]["train_before_resume"] = ctx.record.before["train_s"]
     summary["peak_mem_mb"] = peak_memory_mb(accelerator)
-    summary["env"] = environment(device_name(accelerator), original_cwd)
-    summary["hardware"] = _hardware(cfg, accelerator, ctx.world_size if ctx else 1)
-    if rank_zero_only.rank == 0:
+    summary["env"] = environment(device_name(accelerator), original_cwd, load_at_start)
+    summary["hardware"] = _hardware(cfg, ctx, accelerator)
+    if rank0:
+        _write_records(cfg, run_dir, summary)
+    return summary
+
+
+def objective(cfg: DictConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """The value a sweeper optimises: from ``metrics`` (e.g. val/acc_max) or the best-val-loss
+    epoch (``best_val``, e.g. val/acc). validate() has already refused a test metric unless the
+    user asked for it."""
+    metric = str(cfg.get("objective") or "val/acc")
+    value = summary["metrics"].get(metric, summary["best_val"].get(metric))
+    source = "metrics" if metric in summary["metrics"] else "best_val"
+    return {"metric": metric, "value": value, "source": source if value is not None else None}
+
+
+def _whole_run_energy(energy: dict[str, Any], record: RunRecord) -> dict[str, Any]:
+    """After a resume, the interrupted part's energy (saved in the checkpoint) is added."""
+    before = record.before.get("kwh") or 0.0
+    if before and energy.get("kwh") is not None:
+        share = energy["co2_kg"] / energy["kwh"] if energy["kwh"] else 0.0
+        energy = {**energy, "kwh": energy["kwh"] + before,
+                  "co2_kg": energy["co2_kg"] + before * share, "kwh_before_resume": before}
+    return energy
+
+
+def _write_error_log(run_dir: Path, text: str) -> None:
+    try:
+        write_text_atomic(run_dir / "error.log", text)
+    except OSError as err:
+        log.warning("could not write error.log: %s", err)
+
+
+def _write_records(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> None:
+    try:
         write_json_atomic(run_dir / "summary.json", summary)
         if _resolvable(cfg):
-            OmegaConf.save(cfg, run_dir / "resolved_config.yaml", resolve=True)
-    return summary
+            write_text_atomic(run_dir / "resolved_config.yaml",
+                              OmegaConf.to_yaml(cfg, resolve=True))
+    except OSError as err:
+        summary["status"], summary["error"] = "failed", (
+            f"cannot write the run's records in {run_dir} ({err.strerror or err}); choose a "
+            "writable folder with hydra.run.dir=… (or hydra.sweep.dir=…).")
 
 
 def _resolvable(cfg: DictConfig) -> bool:
@@ -199,25 +217,46 @@ def _resolvable(cfg: DictConfig) -> bool:
         return False
 
 
-def _hardware(cfg: DictConfig, accelerator: str, world_size: int) -> dict[str, Any]:
-    hw = cfg.hardware
-    return {"preset": hw.name, "accelerator": accelerator, "devices": str(cfg.trainer.devices),
-            "strategy": str(cfg.trainer.strategy), "precision": str(cfg.trainer.precision),
-            "world_size": world_size,
+def _hardware(cfg: DictConfig, ctx: RunContext | None, accelerator: str) -> dict[str, Any]:
+    """What ran: the resolved plan (precision a strategy required included), not the request."""
+    hw, t = cfg.hardware, cfg.trainer
+    plan = ctx.trainer_args if ctx else {}
+    return {"preset": hw.name, "accelerator": accelerator,
+            "devices": str(plan.get("devices", t.devices)),
+            "strategy": str(plan.get("strategy", t.strategy)),
+            "precision": str(plan.get("precision", t.precision)),
+            "num_nodes": int(t.get("num_nodes") or 1),
+            "world_size": ctx.world_size if ctx else 1,
+            "cpu_threads": torch.get_num_threads(),
             "specs": OmegaConf.to_container(hw.specs, resolve=True)}
 
 
 def _fill_results(summary: dict[str, Any], ctx: RunContext) -> None:
     sys_ = ctx.system
-    summary["metrics"] = dict(sys_.test_results.get("scalars", {}))
+    summary["metrics"] = {**sys_.test_results.get("scalars", {}), **_val_max(sys_.val_history)}
     summary["per_class"] = dict(sys_.test_results.get("per_class", {}))
     summary["best_val"] = dict(sys_.best_val)
     summary["epochs"] = ctx.epochs
     summary["data"] = ctx.datamodule.describe()
     summary["model"] = {**model_stats(sys_), **summary["strategy"].pop("model", {})}
+    if ctx.record.before["train_s"] and "train" in ctx.times:
+        ctx.times["train"] += ctx.record.before["train_s"]  # the whole run, both parts
+    if ctx.resume:
+        summary["strategy"]["resumed_at_epoch"] = ctx.resume["epoch"]
     train_time = ctx.times.get("train")
-    images = ctx.counter.images or ctx.extra.get("train_images")
+    images = ctx.record.total_images() or ctx.extra.get("train_images")
     summary["throughput_img_s"] = images / train_time if images and train_time else None
+
+
+def _val_max(history: list[dict[str, float]]) -> dict[str, float]:
+    """The best validation accuracy (and macro AUROC) over epochs — the dynamic-sampling study's
+    figure — next to the test metrics of the best-val-loss checkpoint."""
+    out = {}
+    for key in ("val/acc", "val/auroc_macro"):
+        values = [row[key] for row in history if row.get(key) is not None]
+        if values:
+            out[f"{key}_max"] = max(values)
+    return out
 
 
 def run_overrides(overrides: list[str], run_dir: Path) -> dict[str, Any]:
@@ -225,7 +264,7 @@ def run_overrides(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     (benchmarks, notebooks, tests)."""
     from hydra import compose, initialize_config_dir
 
-    from effbench.cli import CONF_DIR  # also registers the config resolvers
+    from effbench.config import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=list(overrides), return_hydra_config=True)

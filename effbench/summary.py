@@ -9,11 +9,12 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from effbench.rundir import write_bytes_atomic
 
 SCHEMA_VERSION = 1
 _num = {"type": ["number", "null"]}
@@ -47,20 +48,18 @@ SCHEMA: dict[str, Any] = {
         "env": {"type": "object", "required": ["python", "torch", "torchvision", "lightning",
                                                "device", "git_commit"]},
         "strategy": {"type": "object"},
+        "objective": {"type": "object", "required": ["metric", "value"]},
+        "resumed_from": _str,
+        "headline": _str,
     },
 }
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Temp file in the same folder, fsync, rename, folder fsync: readers never see half a file
+    (effbench.rundir.write_bytes_atomic)."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=_jsonable)
+    write_bytes_atomic(Path(path), text.encode())
 
 
 def _jsonable(o: Any) -> Any:
@@ -80,14 +79,49 @@ def git_commit(cwd: str | Path) -> str | None:
         return None
 
 
-def environment(device: str, cwd: str | Path) -> dict[str, Any]:
+def environment(device: str, cwd: str | Path,
+                load_at_start: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """Versions, and what makes timings comparable: threads, CPU, load, GPU driver/clocks."""
     import pytorch_lightning
     import torchvision
 
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "torchvision": torchvision.__version__, "lightning": pytorch_lightning.__version__,
             "cuda": torch.version.cuda, "device": device, "platform": platform.platform(),
-            "hostname": platform.node(), "git_commit": git_commit(cwd)}
+            "hostname": platform.node(), "git_commit": git_commit(cwd),
+            "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "cpu_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(),
+            "load_avg_start": list(load_at_start) if load_at_start else None,
+            "gpu": gpu_facts()}
+
+
+def cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def gpu_facts() -> list[dict[str, Any]] | None:
+    """Driver and clocks of each GPU (nvidia-smi), None on a machine without one."""
+    if not torch.cuda.is_available():
+        return None
+    query = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return [{"name": torch.cuda.get_device_name(i)} for i in range(torch.cuda.device_count())]
+    keys = query.split(",")
+    return [dict(zip(keys, (v.strip() for v in line.split(","))))
+            for line in out.stdout.strip().splitlines()]
 
 
 def peak_memory_mb(accelerator: str) -> float:

@@ -7,7 +7,52 @@ import os
 from pathlib import Path
 from typing import Any
 
+from effbench.errors import EffbenchError
+
 log = logging.getLogger(__name__)
+
+# codecarbon's CPU modes → what the figure is. Only power counters measure; the others multiply
+# the CPU's TDP (by a constant share or by the load), so on such a machine energy ∝ time.
+CPU_MODES = {"intel_rapl": "rapl", "intel_power_gadget": "power_gadget",
+             "windows_emi": "power_counters", "apple_powermetrics": "powermetrics",
+             "cpu_load": "tdp_x_load_estimate", "constant": "tdp_estimate"}
+MEASURED = {"rapl", "power_gadget", "power_counters", "powermetrics", "nvml"}
+
+
+def check_country(code: str) -> None:
+    """The ISO-3 code must be in codecarbon's energy-mix table (else it invents an intensity)."""
+    import json
+    from importlib.resources import files
+
+    try:
+        table = files("codecarbon").joinpath("data/private_infra/global_energy_mix.json")
+        known = json.loads(table.read_text())
+    except (ImportError, OSError, ValueError):
+        return  # no table to check against: codecarbon itself will say what it can
+    if str(code) not in known:
+        import difflib
+
+        close = difflib.get_close_matches(str(code).upper(), list(known), n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise EffbenchError(f"tracking.country={code!r} is not an ISO-3 country code codecarbon "
+                            f"knows{hint}; use one such as ESP, DEU or USA (the list: "
+                            f"codecarbon/data/private_infra/global_energy_mix.json).")
+
+
+def measurement_modes(tracker: Any) -> dict[str, Any]:
+    """How codecarbon obtained each component's power (read from its hardware objects)."""
+    modes: dict[str, Any] = {"cpu": None, "gpu": None, "ram": None}
+    for hw in getattr(tracker, "_hardware", []):
+        kind = type(hw).__name__
+        if kind == "CPU":
+            raw = getattr(hw, "_mode", None)
+            modes["cpu"] = CPU_MODES.get(raw, str(raw))
+        elif kind == "GPU":
+            modes["gpu"] = "nvml"
+        elif kind == "RAM":
+            # codecarbon models RAM power from its size (W per DIMM), never measures it.
+            modes["ram"] = "size_model_estimate"
+    return modes
 
 
 class EnergyTracker:
@@ -43,6 +88,11 @@ class EnergyTracker:
             log.warning("codecarbon could not start: %s", self.error)
             self._tracker = None
 
+    def kwh_so_far(self) -> float | None:
+        """Energy measured up to now (codecarbon updates it every ``measure_power_secs``)."""
+        energy = getattr(self._tracker, "_total_energy", None)
+        return float(energy.kWh) if energy is not None else None
+
     def stop(self) -> dict[str, Any]:
         if self._tracker is None:
             return {"kwh": None, "co2_kg": None, "country": self.country,
@@ -53,9 +103,14 @@ class EnergyTracker:
             data = getattr(self._tracker, "final_emissions_data", None)
             if data is None:
                 raise RuntimeError("codecarbon recorded no emissions data")
+            modes = measurement_modes(self._tracker)
             return {"kwh": float(data.energy_consumed), "co2_kg": float(co2 or 0.0),
                     "country": self.country, "source": "codecarbon",
                     "cpu_power_w": float(data.cpu_power), "gpu_power_w": float(data.gpu_power),
+                    "cpu_kwh": float(data.cpu_energy), "gpu_kwh": float(data.gpu_energy),
+                    "ram_kwh": float(data.ram_energy), "mode": modes,
+                    "estimated": any(m is not None and m not in MEASURED
+                                     for m in modes.values()),
                     "error": None}
         except Exception as err:  # noqa: BLE001
             return {"kwh": None, "co2_kg": None, "country": self.country, "source": "codecarbon",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -43,8 +45,79 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
 ]
 
 
+PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true",
+              "transformer-engine", "32", "16", "bf16", "64")
+
+
+def _trainer_parameters() -> dict[str, inspect.Parameter]:
+    import pytorch_lightning as pl
+
+    return dict(inspect.signature(pl.Trainer.__init__).parameters)
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Every ``trainer.*`` key must be a Lightning ``Trainer`` argument (it is passed through
+    as is); the ones the pipeline owns are refused, since setting them would change nothing."""
+    from effbench.context import PIPELINE_TRAINER_KEYS
+
+    params = _trainer_parameters()
+    for key in cfg.trainer:
+        if key in PIPELINE_TRAINER_KEYS:
+            raise EffbenchError(f"trainer.{key} cannot be set: {PIPELINE_TRAINER_KEYS[key]}; "
+                                f"remove trainer.{key}=….")
+        if key not in params or key == "self":
+            close = difflib.get_close_matches(str(key), [p for p in params if p != "self"], n=3)
+            hint = f" (did you mean {', '.join('trainer.' + c for c in close)}?)" if close else ""
+            raise EffbenchError(f"trainer.{key} is not an argument of Lightning's Trainer"
+                                f"{hint}; every trainer.* key is passed to pytorch_lightning."
+                                "Trainer, so use one of its argument names.")
+    precision = str(cfg.trainer.get("precision"))
+    if precision not in PRECISIONS:
+        raise EffbenchError(f"invalid value trainer.precision={precision!r}: use one of "
+                            f"{', '.join(PRECISIONS[:6])} (auto: bf16/fp16 mixed on a GPU, 32-true "
+                            "on CPU).")
+    devices = cfg.trainer.get("devices")
+    if devices in (0, "0") or (isinstance(devices, int) and devices < -1):
+        raise EffbenchError(f"invalid value trainer.devices={devices!r}: use 1 or more devices, "
+                            "or auto.")
+    nodes = cfg.trainer.get("num_nodes", 1)
+    if not _int_at_least(1)(nodes):
+        raise EffbenchError(f"invalid value trainer.num_nodes={nodes!r}: use 1 or more.")
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """A sweeper is never handed a test metric unless the user asks for it (objective_on_test)."""
+    metric = str(cfg.get("objective") or "")
+    if metric.startswith("test/") and not cfg.get("objective_on_test", False):
+        raise EffbenchError(f"objective={metric} would tune on the test set; use a validation "
+                            "metric such as objective=val/acc or val/acc_max, or set "
+                            "objective_on_test=true if that is really what you want.")
+    if not metric.startswith(("val/", "train/", "test/")):
+        raise EffbenchError(f"invalid value objective={metric!r}: use a recorded metric such as "
+                            "val/acc, val/acc_max or val/auroc_macro.")
+
+
+def check_strategy_trainer_keys(strategy: Any, cfg: DictConfig) -> None:
+    """A strategy with its own training loop honours only some Trainer arguments; any other one
+    set to a non-default value would be silently ignored, so it is refused."""
+    honoured = getattr(strategy, "trainer_keys", None)
+    if honoured is None:
+        return
+    params = _trainer_parameters()
+    for key, value in cfg.trainer.items():
+        if key in honoured or key in ("devices", "strategy", "precision") or value is None:
+            continue
+        default = params[key].default if key in params else None
+        if value != default:
+            raise EffbenchError(f"trainer.{key}={value} has no effect with strategy="
+                                f"{strategy.name} (it trains without Lightning's loop); "
+                                f"remove trainer.{key}=….")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raises :class:`EffbenchError` naming the first bad value and the fix."""
+    check_trainer(cfg)
+    check_objective(cfg)
     for key, ok, fix in RULES:
         value = OmegaConf.select(cfg, key, default="__absent__")
         if value == "__absent__":

@@ -54,7 +54,7 @@ def main() -> None:
               f"dataset.num_train={args.num_train}", f"dataset.num_val={args.num_val}",
               f"dataset.num_test={args.num_val}", "dataset.num_classes=10",
               f"dataset.noise={args.noise}", f"dataset.batch_size={args.batch_size}",
-              f"trainer.max_epochs={args.epochs}", "trainer.progress_bar=false",
+              f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false",
               "tracking.energy=false", "strategy.scheduler=null", "strategy.early_stopping=null"]
     dyn = ["strategy=dynamic", f"strategy.alpha={args.alpha}", f"strategy.beta={args.beta}"]
     runs = {"finetune (full set)": ["strategy=finetune"]}

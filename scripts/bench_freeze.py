@@ -46,7 +46,7 @@ def one_run(args: argparse.Namespace, k: str, run_dir: Path) -> dict[str, Any]:
                  f"backbone={args.backbone}", "backbone.weights=null", "strategy=freeze",
                  f"strategy.frozen_stages={k}", f"trainer.max_epochs={args.epochs}",
                  "strategy.checkpoint=false", "strategy.early_stopping=null",
-                 "trainer.progress_bar=false", "tracking.energy=false", "hardware=cpu",
+                 "trainer.enable_progress_bar=false", "tracking.energy=false", "hardware=cpu",
                  *args.overrides]
     summary = run_overrides(overrides, run_dir)
     if summary["status"] != "completed":

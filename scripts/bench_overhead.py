@@ -89,7 +89,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = compose([f"backbone={args.backbone}", f"dataset={args.dataset}",
                    f"dataset.image_size={args.image_size}", "backbone.weights=null",
-                   f"trainer.max_epochs={args.epochs}", "trainer.progress_bar=false",
+                   f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false",
                    "hardware=cpu" if not torch.cuda.is_available() else "hardware=auto",
                    "strategy.scheduler=null", "strategy.early_stopping=null"])
     OmegaConf.set_struct(cfg, False)

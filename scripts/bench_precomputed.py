@@ -56,7 +56,7 @@ def job(args: argparse.Namespace, strategy: str, epochs: int, lr: float, cache: 
     overrides = [f"dataset={args.dataset}", f"dataset.image_size={args.image_size}",
                  f"backbone={args.backbone}", f"backbone.weights={args.weights}",
                  f"strategy={strategy}", f"strategy.lr={lr:g}", f"trainer.max_epochs={epochs}",
-                 f"cache_dir={cache}", "trainer.progress_bar=false",
+                 f"cache_dir={cache}", "trainer.enable_progress_bar=false",
                  f"tracking.energy={str(args.energy).lower()}", *args.overrides]
     summary = run_overrides(overrides, run_dir)
     if summary["status"] != "completed":

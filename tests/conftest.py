@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-FAST = ["trainer.progress_bar=false", "tracking.country=USA"]
+FAST = ["trainer.enable_progress_bar=false", "tracking.country=USA"]
 # A tiny multilabel job for CLI runs of strategies that report AUROC.
 TINY_MULTILABEL = ["backbone=small_cnn", "dataset=synthetic", "dataset.multilabel=true",
                    "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",

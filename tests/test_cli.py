@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import run_cli
 
-QUICK = ["trainer.progress_bar=false", "tracking.energy=false"]
+QUICK = ["trainer.enable_progress_bar=false", "tracking.energy=false"]
 TINY = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",
         "trainer.max_epochs=1", *QUICK]
 

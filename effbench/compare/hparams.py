@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from effbench.compare.keys import config_of, train_time
-
-if TYPE_CHECKING:
-    from effbench.run import RunContext
 
 log = logging.getLogger(__name__)
 PREFIX = "final/"  # distinct tags: the per-epoch curves keep their own names and steps
@@ -66,18 +63,17 @@ def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
-def log_hparams(ctx: RunContext, summary: dict[str, Any]) -> None:
+def log_hparams(loggers: list, cfg: Any, summary: dict[str, Any]) -> None:
     """Writes the HParams summary into the run's TensorBoard logger (rank 0 only).
 
     A completed run must not turn into a failed one because TensorBoard could not be written,
     so a failure here is a warning.
     """
-    tb = next((lg for lg in ctx.loggers() if isinstance(lg, TensorBoardLogger)), None)
+    tb = next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
     if tb is None:
         return
     try:
-        summary = {**summary, "time_s": dict(ctx.times)}
-        tb.log_hyperparams(hparams_of(ctx.cfg, summary), metrics=final_metrics(summary))
+        tb.log_hyperparams(hparams_of(cfg, summary), metrics=final_metrics(summary))
         tb.experiment.flush()
     except Exception as err:  # noqa: BLE001 - see docstring
         log.warning("could not log hyper-parameters to TensorBoard: %s", err)

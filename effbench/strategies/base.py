@@ -13,12 +13,19 @@ from typing import TYPE_CHECKING, Any
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 if TYPE_CHECKING:
-    from effbench.run import RunContext
+    from effbench.context import RunContext
 
 
 class Strategy:
     """Shared options: optimiser (Adam/AdamW/SGD, ``lr``, weight decay), ReduceLROnPlateau,
     early stopping, optional class weights for imbalanced multiclass data."""
+
+    # The precision this technique needs (None: any); the hardware plan uses it instead of the
+    # preset's and refuses an explicit trainer.precision that differs.
+    requires_precision: str | None = None
+    # Trainer arguments honoured (None: all — training goes through Lightning's fit). A technique
+    # with its own loop lists what it honours; any other trainer.* set is refused.
+    trainer_keys: frozenset[str] | None = None
 
     def __init__(self, name: str, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, momentum: float = 0.9,
@@ -34,6 +41,9 @@ class Strategy:
     def optim_config(self) -> dict[str, Any]:
         return {"name": self.optimizer, "lr": self.lr, "weight_decay": self.weight_decay,
                 "momentum": self.momentum}
+
+    def check(self, ctx: RunContext) -> None:
+        """Refuse options that cannot take effect in this run (before anything trains)."""
 
     def configure_model(self, ctx: RunContext) -> None:
         """Change the model before training (freeze, insert fake-quant, …). Default: nothing."""
@@ -52,16 +62,22 @@ class Strategy:
         """Lightning fit, then test the best-val-loss checkpoint."""
         trainer = ctx.make_trainer(self.callbacks(ctx))
         with ctx.phase("train"):
-            trainer.fit(ctx.system, datamodule=ctx.datamodule, ckpt_path=ctx.resume_from)
+            # weights_only: a checkpoint is data from outside; loading it must not run code.
+            trainer.fit(ctx.system, datamodule=ctx.datamodule, ckpt_path=ctx.resume_from,
+                        weights_only=True)
         ctx.epochs = trainer.current_epoch
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         with ctx.phase("eval"):
             trainer.test(ctx.system, datamodule=ctx.datamodule, ckpt_path=best or None,
-                         verbose=False)
+                         verbose=False, weights_only=True)
 
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         """After testing: make changes permanent, measure, return extra summary entries."""
         return {}
+
+    def headline(self, summary: dict[str, Any]) -> str | None:
+        """One line for the end-of-run report: the outcome of the technique itself."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

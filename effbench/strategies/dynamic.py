@@ -18,7 +18,7 @@ from effbench.sampling import DynamicSampling, SubsetSchedule, resolve_alpha
 from effbench.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from effbench.run import RunContext
+    from effbench.context import RunContext
 
 
 class Dynamic(Strategy):
@@ -50,6 +50,12 @@ class Dynamic(Strategy):
                                 "run it through effbench.run.")
         return [*super().callbacks(ctx), self._sampling]
 
+    def headline(self, summary: dict[str, Any]) -> str | None:
+        s = summary["strategy"]
+        return (f"subset {s.get('subset_size')} of {s.get('train_size')} images   images trained "
+                f"{s.get('images_trained'):,}   resamples {s.get('resamples')}   seen "
+                f"{(s.get('seen_fraction') or 0):.0%} of the training set")
+
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         facts = self._sampling.schedule.summary() if self._sampling else {}
-        return {**facts, "images_trained": ctx.counter.images}
+        return {**facts, "images_trained": ctx.record.total_images()}

@@ -43,7 +43,7 @@ from effbench.errors import EffbenchError
 from effbench.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from effbench.run import RunContext
+    from effbench.context import RunContext
 
 ALL = "all"
 
@@ -305,6 +305,13 @@ class Freeze(Strategy):
 
     def callbacks(self, ctx: RunContext) -> list[Callback]:
         return [*super().callbacks(ctx), self._schedule, self._timer]
+
+    def headline(self, summary: dict[str, Any]) -> str | None:
+        s, m = summary["strategy"], summary["model"]
+        return (f"trainable params {s.get('params_trainable_start'):,} at start, "
+                f"{m.get('params_trainable'):,} at the end of {m.get('params_total'):,}   "
+                f"frozen stages {s.get('stages_frozen')}/{s.get('stages_total')}   "
+                f"unfreeze events {len(s.get('unfreeze_events') or [])}")
 
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         backbone = ctx.system.backbone

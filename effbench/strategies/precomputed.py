@@ -29,20 +29,28 @@ from effbench.features.cache import FeatureCache, FeatureKeys, feature_keys
 from effbench.features.extract import extract_features, train_batches
 from effbench.features.head_training import HeadTraining, cpu_threads, evaluate_head, train_head
 from effbench.features.heads import build_head
+from effbench.hardware import torch_device
 from effbench.strategies.base import Strategy
 from effbench.summary import state_dict_bytes
 
 if TYPE_CHECKING:
-    from effbench.run import RunContext
+    from effbench.context import RunContext
 
 log = logging.getLogger(__name__)
 
 EVAL_ON = ("model", "features")
-DEVICES = {"gpu": "cuda", "cuda": "cuda", "mps": "mps"}  # Lightning accelerator → torch device
 
 
 class Precomputed(Strategy):
     """Frozen, BN-adapted backbone; features cached once per sweep; only the head trains."""
+
+    # Features and head are fp32, whatever the preset's mixed precision.
+    requires_precision = "32-true"
+    # The head trains in its own loop (tensor ops on cached features): only these Trainer
+    # arguments mean something here; any other one set is refused (validate.py).
+    trainer_keys = frozenset({"max_epochs", "enable_progress_bar", "enable_model_summary",
+                              "deterministic", "log_every_n_steps", "num_sanity_val_steps",
+                              "limit_test_batches", "num_nodes"})
 
     def __init__(self, name: str = "precomputed", head: str = "mlp", hidden: int = 512,
                  dropout: float = 0.3, ambiguity_weight: float = 1.0, bn_adapt: bool = True,
@@ -70,13 +78,20 @@ class Precomputed(Strategy):
         backbone.requires_grad_(False)
 
     def fit(self, ctx: RunContext) -> None:
-        device = torch.device(DEVICES.get(ctx.trainer_args["accelerator"], "cpu"))
+        device = torch_device(ctx.trainer_args["accelerator"])
         ctx.system.to(device)
         feats = self._adapt_and_extract(ctx, device)
         with ctx.phase("train"):
             self._train(ctx, feats, device)
         with ctx.phase("eval"):
             self._test(ctx, feats, device)
+
+    def headline(self, summary: dict[str, Any]) -> str | None:
+        s = summary["strategy"]
+        bn = s.get("bn_adaptation") or {}
+        return (f"cache {'hit' if s.get('cache_hit') else 'miss (features computed)'}   "
+                f"BN passes {bn.get('passes', 'n/a')}   head trained on {s.get('train_images')} "
+                "feature vectors")
 
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         head = ctx.system.head
@@ -168,7 +183,8 @@ class Precomputed(Strategy):
             if stored is not None and tuple(stored["features"].shape) == (n, backbone.feature_dim):
                 feats[split], hits[split] = (stored["features"], stored["labels"]), True
                 continue
-            x, y = extract_features(backbone, dm, split, device, bool(ctx.cfg.trainer.progress_bar))
+            x, y = extract_features(backbone, dm, split, device,
+                                    bool(ctx.cfg.trainer.enable_progress_bar))
             cache.store(key, {"features": x, "labels": y})
             feats[split], hits[split] = (x, y), False
         return feats, hits
@@ -187,6 +203,9 @@ class Precomputed(Strategy):
             for logger in loggers:
                 logger.log_metrics(row, step=step)
 
+        # The cache phase consumes random numbers only when it misses (BN passes shuffle); reseed
+        # so a job's result is a function of its config and seed, whatever was cached.
+        torch.manual_seed(int(ctx.cfg.seed))
         with cpu_threads(self.head_threads if device.type == "cpu" else None):
             result = train_head(sys_.head, sys_.loss_fn, sys_.configure_optimizers(),
                                 on["train"], on["val"], dm.task, sys_.class_names, cfg, log)

@@ -32,7 +32,7 @@ from effbench.strategies.base import Strategy
 from effbench.summary import state_dict_bytes
 
 if TYPE_CHECKING:
-    from effbench.run import RunContext
+    from effbench.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,14 @@ class Prune(Strategy):
             cbs.append(EarlyStopping(monitor=self.monitor, mode="min",
                                      patience=int(self.early_stopping["patience"])))
         return cbs
+
+    def headline(self, summary: dict[str, Any]) -> str | None:
+        s, m = summary["strategy"], summary["model"]
+        dense, zipped = m.get("size_bytes"), m.get("size_bytes_compressed")
+        done = "" if s.get("schedule_completed") else " (schedule NOT completed)"
+        return (f"sparsity {s.get('sparsity', 0):.1%} of pruned weights (target "
+                f"{self.final_sparsity:.0%}){done}   size {dense / 2**20:.2f} MB dense → "
+                f"{zipped / 2**20:.2f} MB compressed")
 
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         pruner = self._pruner

@@ -21,7 +21,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import open_dict
 from torch import nn
 
 from effbench.compression import cpu_latency_ms, module_bytes
@@ -31,7 +30,7 @@ from effbench.strategies.base import Strategy
 from effbench.summary import state_dict_bytes
 
 if TYPE_CHECKING:
-    from effbench.run import RunContext
+    from effbench.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +131,8 @@ def quantized_weight_bytes(float_model: nn.Module, scope: str) -> int:
 class Qat(Strategy):
     """Quantization-aware training (see the module docstring)."""
 
+    requires_precision = PRECISION  # fake quantization runs in fp32 (the hardware plan obeys)
+
     def __init__(self, name: str, qat_scope: str = "conv", latency_batch: int = 16,
                  latency_min_time: float = 1.0, int8_eval: bool = True, **common: Any) -> None:
         super().__init__(name, **common)
@@ -147,18 +148,25 @@ class Qat(Strategy):
 
     def configure_model(self, ctx: RunContext) -> None:
         _import_torchao()
-        if str(ctx.trainer_args.get("precision")) != PRECISION:
-            log.warning("qat trains in %s precision (fake quantization), not %s", PRECISION,
-                        ctx.trainer_args.get("precision"))
-            ctx.trainer_args["precision"] = PRECISION
-            with open_dict(ctx.cfg):
-                ctx.cfg.trainer.precision = PRECISION  # the summary records what ran
         x = _example(ctx, 2)
         system = ctx.system
         float_model = nn.Sequential(system.backbone, system.head)
         self._float = copy.deepcopy(float_model).eval()  # the fp32 reference for size & latency
         system.backbone = prepare_qat(float_model, x, self.qat_scope)
         system.head = nn.Identity()
+
+    def headline(self, summary: dict[str, Any]) -> str | None:
+        s, m = summary["strategy"], summary["model"]
+        lat = s.get("latency_ms") or {}
+        speed = lat.get("speedup") or 0
+        verdict = f"{speed:.2f}× faster" if speed >= 1 else f"{1 / speed:.2f}× SLOWER" if speed \
+            else "n/a"
+        acc = (s.get("int8_metrics") or {}).get("int8/test/acc")
+        acc_text = f"{acc:.4f}" if acc is not None else "not evaluated"
+        return (f"int8 size {m.get('size_bytes_int8', 0) / 2**20:.2f} MB "
+                f"({m.get('compression_ratio', 0):.2f}× smaller than fp32)   int8 test acc "
+                f"{acc_text}   CPU latency fp32 {lat.get('fp32', 0):.1f} ms → int8 "
+                f"{lat.get('int8', 0):.1f} ms ({verdict})")
 
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         assert self._float is not None, "configure_model runs first"

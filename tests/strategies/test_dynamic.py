@@ -253,7 +253,7 @@ def test_bad_variant_fails_with_one_sentence(tmp_path: Path) -> None:
 def test_ddp_two_ranks_share_a(tmp_path: Path) -> None:
     args = ["hardware=cpu", "trainer.devices=2", "trainer.strategy=ddp", "dataset=synthetic",
             "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",
-            "trainer.max_epochs=2", "trainer.progress_bar=false", "tracking.energy=false",
+            "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "tracking.energy=false",
             *DYN, "strategy.delta=1.0"]
     res = run_cli(args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
