@@ -163,7 +163,9 @@ class ImageDataModule(pl.LightningDataModule):
             return
         if self.preprocessing is None:
             raise RuntimeError("call configure(preprocessing) before setup()")
-        for split, (images, labels) in self.load().items():
+        loaded = self.load()
+        self._check_trainable(loaded)
+        for split, (images, labels) in loaded.items():
             images, labels = self._limit(images, labels)
             self.labels[split] = labels
             self.datasets[split] = self._as_dataset(images, labels)
@@ -173,6 +175,18 @@ class ImageDataModule(pl.LightningDataModule):
         sizes = {s: len(v) for s, v in self.labels.items()}
         log.info("dataset %s: %s, %d classes, splits %s", self.name, self.task, self.num_classes,
                  sizes)
+
+    def _check_trainable(self, loaded: dict[str, tuple[Any, torch.Tensor]]) -> None:
+        # A backstop for every family (they check their own options first, more precisely):
+        # one class or no training images would otherwise fail deep inside the loss or Trainer.
+        if self.task == "multiclass" and self.num_classes < 2:
+            raise EffbenchError(
+                f"dataset '{self.name}' at dataset.root={self.root} has {self.num_classes} "
+                f"class(es) {self.class_names}; a classifier needs at least 2: point "
+                "dataset.root at data with 2 or more classes.")
+        if "train" not in loaded or len(loaded["train"][1]) == 0:
+            raise EffbenchError(f"dataset '{self.name}' at dataset.root={self.root} has no "
+                                "training images; point dataset.root at a copy that has them.")
 
     def _limit(self, images: Any, labels: torch.Tensor) -> tuple[Any, torch.Tensor]:
         # ``max_samples`` caps every split (first n of a seeded permutation) for quick trials.

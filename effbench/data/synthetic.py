@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from effbench.data.base import ImageDataModule
+from effbench.errors import EffbenchError
 
 
 class SyntheticDataModule(ImageDataModule):
@@ -30,7 +31,27 @@ class SyntheticDataModule(ImageDataModule):
         return {**super().cache_key, "synthetic": [self.sizes, self.classes, self.resolution,
                                                    self.multilabel, self.noise, self.seed]}
 
+    def check(self) -> None:
+        """One sentence per value the generator cannot work with (checked at setup, not in
+        ``__init__``, so the message is not wrapped in Hydra's instantiation error)."""
+        least = 1 if self.multilabel else 2  # one label is a binary task; one class is nothing
+        if self.classes < least:
+            why = "" if self.multilabel else "a classifier needs at least 2 classes; "
+            raise EffbenchError(f"invalid value dataset.num_classes={self.classes}: {why}use "
+                                f"dataset.num_classes={least} or more.")
+        if self.sizes["train"] < 1:
+            raise EffbenchError(f"invalid value dataset.num_train={self.sizes['train']}: use "
+                                "dataset.num_train=1 or more (e.g. 512).")
+        for split in ("val", "test"):
+            if self.sizes[split] < 1:
+                raise EffbenchError(f"invalid value dataset.num_{split}={self.sizes[split]}: use "
+                                    f"dataset.num_{split}=1 or more (e.g. 128).")
+        if self.resolution < 1:
+            raise EffbenchError(f"invalid value dataset.resolution={self.resolution}: use "
+                                "dataset.resolution=1 or more (e.g. 32).")
+
     def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        self.check()
         gen = torch.Generator().manual_seed(self.seed)
         patterns = self._patterns(gen)
         self.class_names = [f"class_{c}" for c in range(self.classes)]

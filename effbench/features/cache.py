@@ -26,6 +26,8 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from effbench.data.fileio import publish
+
 log = logging.getLogger(__name__)
 
 # Bump when extraction or BN adaptation changes what they produce: old entries stop matching.
@@ -128,9 +130,7 @@ class FeatureCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save({"payload": payload, "digest": digest(payload)}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            publish(tmp, path)  # the user's umask instead of mkstemp's 0600, fsync, rename
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -86,7 +86,7 @@ def test_a_cache_being_built_elsewhere_is_waited_for(tmp_path, monkeypatch) -> N
 
     from filelock import FileLock
 
-    from effbench.data.files import ImageCache
+    from effbench.data.files import ImageCache, write_record
     from tests.data.helpers import PRE
 
     files = sorted(write_brain_mri(tmp_path / "mri", per_class=2).rglob("*.jpg"))
@@ -104,6 +104,7 @@ def test_a_cache_being_built_elsewhere_is_waited_for(tmp_path, monkeypatch) -> N
     waiter = threading.Thread(target=lambda: result.setdefault("path", cache.ensure(files)))
     waiter.start()
     np.save(target, np.zeros((len(files), 3, 32, 32), np.uint8))  # the other rank finishes
+    write_record(target, target.with_suffix(".json"), [])
     other_rank.release()
     waiter.join(60)
-    assert result["path"] == target
+    assert result["path"].path == target
