@@ -9,6 +9,7 @@ from pathlib import Path
 
 from effbench.compare.group import DEFAULT_BASELINE, compare
 from effbench.compare.load import find_summaries, load_runs
+from effbench.compare.output import prepare_out
 from effbench.compare.plots import write_plots
 from effbench.compare.table import terminal_text, write_tables
 from effbench.errors import EffbenchError
@@ -33,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--by", action="append", default=None, metavar="KEY",
                    help="group by these config keys instead of the ones that vary (repeatable)")
     p.add_argument("--sort", default=None,
-                   help="metric (best first), time, co2, params, size, or a config key")
+                   help="metric (best first), time, co2, params, size (effective), dense-size, "
+                        "or a config key")
     p.add_argument("--best-so-far", action="store_true",
                    help="learning curves as the running best (the dynamic study's elitism)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
@@ -51,8 +53,10 @@ def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     by = [k for item in args.by for k in item.split(",")] if args.by else None
     runs = load_runs(args.paths)
+    for path, why in runs.attrs["skipped"]:  # said before any error below, and in compare.md
+        print(f"effbench-compare: warning: skipped {path}: {why}.", file=sys.stderr)
     comp = compare(runs, metric=args.metric, by=by, baseline=args.baseline)
-    out = args.out or default_out(args.paths[0])
+    out = prepare_out(args.out or default_out(args.paths[0]))
     images, skipped = ([], []) if args.no_plots else write_plots(comp, out, args.best_so_far)
     files = write_tables(comp, out, args.sort, images)
     print(terminal_text(comp, args.sort))

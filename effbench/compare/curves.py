@@ -32,8 +32,13 @@ def read_epochs(run_dir: str | Path) -> pd.DataFrame | None:
 
 
 def val_column(metric: str) -> str:
-    """The per-epoch counterpart of a test metric (``test/acc`` → ``val/acc``)."""
-    return "val/" + metric.split("/", 1)[1] if metric.startswith("test/") else metric
+    """The per-epoch counterpart of a metric: ``test/acc`` → ``val/acc``, and a run-level best
+    such as ``val/acc_max`` (best over epochs) → ``val/acc``, the column that the CSV has."""
+    if metric.startswith("test/"):
+        return "val/" + metric.split("/", 1)[1]
+    if metric.startswith("val/"):
+        return metric.removesuffix("_max").removesuffix("_min")
+    return metric
 
 
 def series_of(epochs: pd.DataFrame, column: str | tuple[str, str],

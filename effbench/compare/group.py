@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from effbench.compare.keys import CHOICE_KEYS, canon
+from effbench.compare.load import EFFECTIVE_SIZE, UNSET
 from effbench.errors import EffbenchError
 
 TIME, CO2 = "train_s", "energy.co2_kg"
-PARAMS, SIZE = "model.params_trainable", "model.size_bytes"
-ALWAYS = [TIME, "time_s.total", CO2, "energy.kwh", PARAMS, "model.params_total", SIZE, "epochs"]
+# SIZE is what Δ size uses: compressed for prune, int8 for qat, dense otherwise (facts.py).
+PARAMS, SIZE, DENSE_SIZE = "model.params_trainable", EFFECTIVE_SIZE, "model.size_bytes"
+ALWAYS = [TIME, "time_s.total", CO2, "energy.kwh", PARAMS, "model.params_total", SIZE, DENSE_SIZE,
+          "epochs"]
 DEFAULT_BASELINE = "strategy=finetune"
+ESTIMATED = "energy_estimated"  # per configuration: some run's energy is an estimate
 
 
 @dataclass
@@ -26,6 +31,7 @@ class Comparison:
     metric: str
     baseline: dict[str, str] = field(default_factory=dict)
     common: dict[str, str] = field(default_factory=dict)
+    added: list[str] = field(default_factory=list)  # keys that --by left out but vary
 
     @property
     def completed(self) -> pd.DataFrame:
@@ -44,24 +50,31 @@ def headline_metric(runs: pd.DataFrame, metric: str | None) -> str:
         multilabel = len(done) and (done["task"] == "multilabel").all()
         metric = "test/auroc_macro" if multilabel else "test/acc"
     if metric not in done.columns or done[metric].isna().all():
-        known = sorted(c for c in done.columns if "/" in c)
-        raise EffbenchError(f"metric {metric} is in no completed run; use --metric with one of "
-                            f"{', '.join(known) or '(none: no run completed)'}.")
+        known = sorted(k for k in runs.attrs.get("metric_keys", []) if k in done
+                       and done[k].notna().any())
+        close = difflib.get_close_matches(metric, known, n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise EffbenchError(f"metric {metric} is in no completed run; {hint}use --metric with "
+                            f"one of {', '.join(known) or '(none: no run completed)'}.")
     return metric
 
 
-def varying_keys(runs: pd.DataFrame, by: list[str] | None) -> list[str]:
-    """``--by`` keys if given, else the config keys with more than one value (the seed excepted:
-    seeds are what we average over)."""
+def varying_keys(runs: pd.DataFrame, by: list[str] | None) -> tuple[list[str], list[str]]:
+    """``(keys, added)``: the config keys with more than one value (the seed excepted: seeds are
+    what we average over), or the ``--by`` keys plus ``added``, every other key that varies
+    within a ``--by`` group — only seeds are ever averaged, never e.g. two values of alpha."""
     config_keys = runs.attrs["config_keys"]
-    if by:
-        unknown = [k for k in by if k not in config_keys]
-        if unknown:
-            raise EffbenchError(f"--by {unknown[0]} is not a config key of these runs; use one "
-                                f"of {', '.join(config_keys)}.")
-        return list(by)
-    keys = [k for k in config_keys if k != "seed" and runs[k].nunique() > 1]
-    return keys or ["strategy"]
+    if not by:
+        keys = [k for k in config_keys if k != "seed" and runs[k].nunique() > 1]
+        return keys or ["strategy"], []
+    unknown = [k for k in by if k not in config_keys]
+    if unknown:
+        raise EffbenchError(f"--by {unknown[0]} is not a config key of these runs; use one "
+                            f"of {', '.join(config_keys)}.")
+    groups = runs.groupby(list(by), sort=False, dropna=False)
+    added = [k for k in config_keys if k not in by and k != "seed"
+             and groups[k].nunique(dropna=False).max() > 1]
+    return [*by, *added], added
 
 
 def parse_baseline(specs: list[str]) -> dict[str, str]:
@@ -81,7 +94,8 @@ def aggregate(runs: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
     ``failed`` counts the failed ones (a configuration whose runs all failed keeps its row)."""
     done = runs[runs["status"] == "completed"]
     numeric = [c for c in done.columns if c not in runs.attrs["config_keys"]
-               and pd.api.types.is_numeric_dtype(done[c])]
+               and pd.api.types.is_numeric_dtype(done[c])
+               and not pd.api.types.is_bool_dtype(done[c])]
     columns = [metric, *[c for c in ALWAYS if c in numeric and c != metric],
                *[c for c in numeric if c not in ALWAYS and c != metric]]
     grouped = done.groupby(keys, sort=False, dropna=False)[columns]
@@ -91,6 +105,10 @@ def aggregate(runs: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
     table = table.reindex(table.index.union(failed.index, sort=False)) if len(failed) else table
     table["n"] = table["n"].fillna(0).astype(int)
     table["failed"] = failed.reindex(table.index).fillna(0).astype(int)
+    facts = done.assign(**{ESTIMATED: done[ESTIMATED].eq(True)}).groupby(
+        keys, sort=False, dropna=False).agg({ESTIMATED: "any", "size_source": "first"})
+    table[[ESTIMATED, "size_source"]] = facts.reindex(table.index)
+    table[ESTIMATED] = table[ESTIMATED].eq(True)
     return table.reset_index()
 
 
@@ -118,10 +136,10 @@ def resolve_baseline(runs: pd.DataFrame, specs: list[str] | None,
     return baseline
 
 
-def _paired_pp_std(runs: pd.DataFrame, metric: str, row: dict, base: dict,
+def _paired_pp_std(runs: pd.DataFrame, metric: str, row: pd.Series, base: pd.Series,
                    keys: list[str]) -> float:
     """Std over seeds of the per-seed metric difference (pp), where both sides ran that seed."""
-    def per_seed(values: dict) -> pd.Series:
+    def per_seed(values: pd.Series) -> pd.Series:
         mask = np.logical_and.reduce([runs[k] == values[k] for k in keys])
         sel = runs[mask & (runs["status"] == "completed")]
         return sel.groupby("seed")[metric].mean()
@@ -130,48 +148,92 @@ def _paired_pp_std(runs: pd.DataFrame, metric: str, row: dict, base: dict,
     return float(diff.std()) if len(diff) > 1 else float("nan")
 
 
-def add_deltas(table: pd.DataFrame, runs: pd.DataFrame, keys: list[str], metric: str,
+def row_configs(runs: pd.DataFrame, table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Every config key's value per table row (the seed aside). Keys outside ``keys`` are constant
+    within a row, so matching can use them too (``--by`` may have left a key out)."""
+    others = [k for k in runs.attrs["config_keys"] if k not in keys and k != "seed"]
+    if not others:
+        return table[keys]
+    values = runs.groupby(keys, sort=False, dropna=False)[others].first().reset_index()
+    return table[keys].merge(values, on=keys, how="left")
+
+
+def match_score(row: pd.Series, base: pd.Series, match: list[str]) -> int | None:
+    """None when the two disagree on a key that both set; else how many keys agree outright
+    (the tie-break when several baseline configurations qualify)."""
+    both = [k for k in match if row[k] != UNSET and base[k] != UNSET]
+    if any(row[k] != base[k] for k in both):
+        return None
+    return sum(row[k] == base[k] for k in match)
+
+
+def find_baseline(row: pd.Series, bases: pd.DataFrame, match: list[str],
+                  name: str) -> tuple[int | None, str]:
+    """``(index of the baseline row, "")`` or ``(None, why not)``. Keys that only one side sets
+    (``strategy.alpha`` of a dynamic run vs finetune) are ignored: the other ran the default."""
+    scores = {i: match_score(row, b, match) for i, b in bases.iterrows()}
+    scores = {i: sc for i, sc in scores.items() if sc is not None}
+    if not scores:  # name the keys that ruled every candidate out, with this row's values
+        clash = [k for k in match if row[k] != UNSET
+                 and ((bases[k] != UNSET) & (bases[k] != row[k])).any()]
+        given = ", ".join(f"{k}={row[k]}" for k in clash)
+        return None, f"no {name} run" + (f" with {given}" if given else "")
+    best = [i for i, sc in scores.items() if sc == max(scores.values())]
+    if len(best) > 1:
+        differ = [k for k in match if bases.loc[best, k].nunique() > 1]
+        return None, (f"{len(best)} {name} configurations match (they differ in "
+                      f"{', '.join(differ)}); pin one with --baseline")
+    if bases.loc[best[0], "n"] == 0:
+        return None, f"every {name} run with the same settings failed"
+    return best[0], ""
+
+
+def add_deltas(runs: pd.DataFrame, table: pd.DataFrame, keys: list[str], metric: str,
                baseline: dict[str, str]) -> pd.DataFrame:
-    """Per configuration, its difference from the baseline configuration with the same values of
-    every other key: metric in percentage points, time / CO₂ / trainable params / size in %,
-    and speed-up / CO₂ reduction factors (baseline ÷ this)."""
-    other = [k for k in keys if k not in baseline]
+    """Per configuration, its difference from the baseline configuration that agrees on every
+    config key both of them set (``find_baseline``): metric in percentage points, time / CO₂ /
+    trainable params / size in %, and speed-up / CO₂ reduction factors (baseline ÷ this).
+    ``compared_with`` names that baseline row; ``no_baseline`` says why a row has none."""
+    config = row_configs(runs, table, keys)
+    match = [k for k in config.columns if k not in baseline]
     is_base = np.logical_and.reduce([table[k] == v for k, v in baseline.items()])
     table = table.assign(baseline=is_base)
-    bases = table[is_base & (table["n"] > 0)]
-    bases = bases.set_index(other) if other else bases
-    cols: dict[str, list[float]] = {c: [] for c in
-                                    ("d_metric_pp", "d_metric_pp_std", "d_train_pct", "speedup",
-                                     "d_co2_pct", "co2_factor", "d_params_pct", "d_size_pct")}
-    for _, row in table.iterrows():
-        base = _lookup(bases, row, other)
-        for name, value in _deltas(row, base, metric).items():
-            cols[name].append(value)
-        cols["d_metric_pp_std"].append(
-            _paired_pp_std(runs, metric, row, {**row, **baseline}, keys)
-            if base is not None else float("nan"))
+    bases = config[is_base].assign(n=table["n"])
+    name = label(baseline, list(baseline))
+    cols: dict[str, list] = {c: [] for c in (*DELTAS, "d_metric_pp_std", "d_co2_estimated",
+                                             "compared_with", "no_baseline")}
+    for i, row in table.iterrows():
+        found, why = (None, "") if row["baseline"] else find_baseline(config.loc[i], bases,
+                                                                      match, name)
+        base = table.loc[found] if found is not None else None
+        for col, value in _deltas(row, base, metric).items():
+            cols[col].append(value)
+        cols["d_metric_pp_std"].append(_paired_pp_std(runs, metric, row, base, keys)
+                                       if base is not None else float("nan"))
+        cols["d_co2_estimated"].append(base is not None and bool(row[ESTIMATED]
+                                                                 or base[ESTIMATED]))
+        cols["compared_with"].append(_base_label(config.loc[found], keys)
+                                     if found is not None else "")
+        cols["no_baseline"].append(why)
     return table.assign(**cols)
 
 
-def _lookup(bases: pd.DataFrame, row: pd.Series, other: list[str]) -> pd.Series | None:
-    if not other:
-        return bases.iloc[0] if len(bases) else None
-    key = tuple(row[k] for k in other)
-    try:
-        found = bases.loc[[key[0] if len(key) == 1 else key]]
-    except KeyError:
-        return None
-    return found.iloc[0]
+def _base_label(base: pd.Series, keys: list[str]) -> str:
+    """The baseline row's label, without the keys it left at their default."""
+    return label(base, [k for k in keys if base[k] != UNSET])
 
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b and not pd.isna(a) and not pd.isna(b) else float("nan")
 
 
+DELTAS = ("d_metric_pp", "d_train_pct", "speedup", "d_co2_pct", "co2_factor", "d_params_pct",
+          "d_size_pct")
+
+
 def _deltas(row: pd.Series, base: pd.Series | None, metric: str) -> dict[str, float]:
     if base is None:
-        return {k: float("nan") for k in ("d_metric_pp", "d_train_pct", "speedup", "d_co2_pct",
-                                          "co2_factor", "d_params_pct", "d_size_pct")}
+        return dict.fromkeys(DELTAS, float("nan"))
     get = lambda r, c: r.get(c, float("nan"))  # noqa: E731 - a column may be absent entirely
     return {
         "d_metric_pp": (get(row, metric) - get(base, metric)) * 100,
@@ -192,16 +254,16 @@ def compare(runs: pd.DataFrame, metric: str | None = None, by: list[str] | None 
         raise EffbenchError(f"none of the {len(runs)} runs completed (e.g. {first['run_dir']}: "
                             f"{first['error']}); fix that error and run them again.")
     metric = headline_metric(runs, metric)
-    keys = varying_keys(runs, by)
+    keys, added = varying_keys(runs, by)
     base = resolve_baseline(runs, baseline, keys)
     keys += [k for k in base if k not in keys]
     table = aggregate(runs, keys, metric)
     if base:
-        table = add_deltas(table, runs, keys, metric, base)
+        table = add_deltas(runs, table, keys, metric, base)
     common = {k: runs[k].iloc[0] for k in runs.attrs["config_keys"]
               if k not in keys and k != "seed" and runs[k].nunique() == 1}
     return Comparison(runs=runs, table=table, keys=keys, metric=metric, baseline=base,
-                      common=common)
+                      common=common, added=added)
 
 
 def label(row: pd.Series | dict, keys: list[str]) -> str:
@@ -225,10 +287,11 @@ def study_lines(comp: Comparison) -> list[str]:
     lines = []
     for values, grp in t.groupby(bkeys, sort=False):
         name = ", ".join(values if isinstance(values, tuple) else (values,))
+        co2_unit = " %*" if grp["d_co2_estimated"].any() else " %"  # * as in the table
         parts = [_mean_std(grp["d_metric_pp"], f"{comp.metric} ", " pp", signed=True),
                  _mean_std(grp["d_train_pct"], "training time ", " %", signed=True),
                  _mean_std(grp["speedup"], "speed-up ×", "", signed=False),
-                 _mean_std(grp["d_co2_pct"], "CO₂ ", " %", signed=True),
+                 _mean_std(grp["d_co2_pct"], "CO₂ ", co2_unit, signed=True),
                  _mean_std(grp["d_params_pct"], "trainable params ", " %", signed=True)]
         n = f"{len(grp)} configuration{'s' * (len(grp) != 1)}"
         lines.append(f"{name} vs {base_name} ({n}): " + ", ".join(p for p in parts if p))

@@ -9,10 +9,16 @@ from typing import Any
 
 import pandas as pd
 
+from effbench.compare.facts import effective_size, energy_estimated, energy_mode
 from effbench.compare.keys import CHOICE_KEYS, canon, config_of, train_time  # noqa: F401
 from effbench.errors import EffbenchError
 
 GLOB_CHARS = set("*?[")
+# The value of a config key that a run did not override (it ran with the config's default).
+UNSET = "default"
+EFFECTIVE_SIZE = "model.size_bytes_effective"  # the size that matters for the technique
+# What compare reads from every summary, with the JSON type it must have.
+REQUIRED: dict[str, type] = {"status": str, "choices": dict, "overrides": list}
 
 
 def find_summaries(paths: list[str]) -> list[Path]:
@@ -40,7 +46,8 @@ def _expand(arg: str) -> list[Path]:
 
 
 def numbers_of(summary: dict[str, Any]) -> dict[str, float]:
-    """Flat numbers of a run (``metrics``, ``best_val``, ``time_s``, ``energy``, ``model``)."""
+    """Flat numbers of a run (``metrics``, ``best_val``, ``time_s``, ``energy``, ``model``), and
+    the effective size (see ``facts.EFFECTIVE_SIZE_KEYS``)."""
     out: dict[str, float] = {}
     for section in ("metrics", "best_val", "time_s", "energy", "model"):
         for key, value in (summary.get(section) or {}).items():
@@ -51,37 +58,89 @@ def numbers_of(summary: dict[str, Any]) -> dict[str, float]:
     out["train_s"] = train_time(summary.get("time_s") or {})
     out["epochs"] = summary.get("epochs")
     out["throughput_img_s"] = summary.get("throughput_img_s")
+    out[EFFECTIVE_SIZE] = effective_size(summary)[0]
     return {k: v for k, v in out.items() if v is not None}
 
 
-def read_summary(path: Path) -> dict[str, Any]:
-    """A summary, or a failed stand-in when the file cannot be read (never silently dropped)."""
+def facts_of(summary: dict[str, Any]) -> dict[str, Any]:
+    """Non-numeric facts per run: where the effective size came from, how energy was measured."""
+    return {"size_source": effective_size(summary)[1],
+            "energy_estimated": energy_estimated(summary), "energy_mode": energy_mode(summary)}
+
+
+def metric_names(summary: dict[str, Any]) -> list[str]:
+    """The names ``--metric`` accepts: every number in ``metrics`` and ``best_val``."""
+    return [k for section in ("metrics", "best_val")
+            for k, v in (summary.get(section) or {}).items()
+            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def problem_of(summary: Any) -> str | None:
+    """Why a parsed file is not a run summary (None when it is one): compare needs a JSON object
+    with ``status``, ``choices`` and ``overrides``, and ``metrics`` when it completed."""
+    if not isinstance(summary, dict):
+        return f"it is a JSON {_json_type(summary)}, not an object"
+    missing = [k for k in REQUIRED if k not in summary]
+    if summary.get("status") == "completed" and "metrics" not in summary:
+        missing.append("metrics")
+    if missing:
+        return f"it has no {', '.join(missing)}"
+    for key, kind in {**REQUIRED, "metrics": dict}.items():
+        if key in summary and not isinstance(summary[key], kind):
+            return f"its {key} is a JSON {_json_type(summary[key])}, not {_json_type(kind())}"
+    if summary["status"] not in ("completed", "failed"):
+        return f"its status is {summary['status']!r}, not completed or failed"
+    return None
+
+
+def read_summary(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(summary, None)``, or ``(None, why)`` when the file is unreadable or not a summary."""
     try:
         summary = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        return {"status": "failed", "error": f"unreadable summary.json: {err}",
-                "run_dir": str(path.parent), "choices": {}, "overrides": []}
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"it cannot be read ({getattr(err, 'strerror', None) or err})"
+    except ValueError as err:
+        return None, f"it is not valid JSON ({err})"
+    if why := problem_of(summary):
+        return None, why
     summary.setdefault("run_dir", str(path.parent))
-    return summary
+    return summary, None
 
 
 def load_runs(paths: list[str]) -> pd.DataFrame:
     """One row per run: ``run_dir``, ``status``, ``error``, ``task``, config keys, then numbers.
 
-    ``attrs["config_keys"]`` lists the config columns (group choices, overrides, ``seed``).
+    ``attrs``: ``config_keys`` (group choices, overrides, ``seed``), ``metric_keys`` (what
+    ``--metric`` accepts) and ``skipped`` (``(path, why)`` of files that are not run summaries).
+    Those are skipped (the caller warns) rather than turned into rows: their config is unknown.
     """
-    rows, keys = [], {}
+    rows, keys, metrics, skipped = [], {}, {}, []
     for path in find_summaries(paths):
-        summary = read_summary(path)
+        summary, why = read_summary(path)
+        if summary is None:
+            skipped.append((str(path), why))
+            continue
         config = config_of(summary)
         keys.update(dict.fromkeys(config))
+        metrics.update(dict.fromkeys(metric_names(summary)))
         rows.append({"run_dir": str(path.parent), "status": summary.get("status", "failed"),
                      "error": summary.get("error"),
                      "task": (summary.get("data") or {}).get("task"),
-                     **config, **numbers_of(summary)})
+                     **config, **numbers_of(summary), **facts_of(summary)})
+    if not rows:
+        path, why = skipped[0]
+        raise EffbenchError(f"{path} is not a run summary ({why})"
+                            + (f", nor are the other {len(skipped) - 1}" if len(skipped) > 1
+                               else "")
+                            + "; pass the run or sweep directories that effbench wrote.")
     runs = pd.DataFrame(rows)
     # A key that one run overrides and another leaves alone: the other ran with the default.
     config_keys = list(keys)
-    runs[config_keys] = runs[config_keys].fillna("default")
-    runs.attrs["config_keys"] = config_keys
+    runs[config_keys] = runs[config_keys].fillna(UNSET)
+    runs.attrs.update(config_keys=config_keys, metric_keys=list(metrics), skipped=skipped)
     return runs

@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from effbench.compare.curves import Curve, config_curve, val_column  # noqa: E402
 from effbench.compare.group import CO2, PARAMS, TIME, Comparison, label  # noqa: E402
+from effbench.compare.output import write_atomic  # noqa: E402
 from effbench.compare.table import sort_table  # noqa: E402
 
 DPI = 120
@@ -27,10 +28,13 @@ def _rows(comp: Comparison) -> pd.DataFrame:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    """Atomically (the temp name has no .png suffix, hence ``format``); the figure is closed
+    even when saving fails."""
+    try:
+        fig.tight_layout()
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _colors(n: int) -> list:
@@ -186,8 +190,8 @@ def metric_vs_param(comp: Comparison, key: str, path: Path) -> Path | str:
 
 def write_plots(comp: Comparison, out: Path, best_so_far: bool = False
                 ) -> tuple[list[Path], list[str]]:
-    """Every plot that the data supports; returns the files and why any were skipped."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Every plot that the data supports; returns the files and why any were skipped
+    (``out`` exists: ``output.prepare_out``)."""
     jobs: dict[str, Callable[[Path], Path | str]] = {
         "metric_vs_time": lambda p: metric_vs_time(comp, p),
         "params_time_metric": lambda p: params_time_metric(comp, p),

@@ -7,10 +7,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from effbench.compare.group import CO2, PARAMS, SIZE, TIME, Comparison, label, study_lines
+from effbench.compare.group import (
+    CO2,
+    DENSE_SIZE,
+    ESTIMATED,
+    PARAMS,
+    SIZE,
+    TIME,
+    Comparison,
+    label,
+    study_lines,
+)
+from effbench.compare.output import write_atomic, write_text_atomic
+
+MARK = "*"  # after an energy / CO₂ figure that is (partly) an estimate, not a reading
 
 # --sort names for the usual columns; anything else is a column or config key of the table.
-SORT_ALIASES = {"metric": None, "time": TIME, "co2": CO2, "params": PARAMS, "size": SIZE}
+SORT_ALIASES = {"metric": None, "time": TIME, "co2": CO2, "params": PARAMS, "size": SIZE,
+                "dense-size": DENSE_SIZE}
 
 
 def sort_table(comp: Comparison, sort: str | None) -> pd.DataFrame:
@@ -70,27 +84,33 @@ def display_table(comp: Comparison, sort: str | None = None) -> pd.DataFrame:
         out["n"] = f"{r['n']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
         out[comp.metric] = _pm(r, comp.metric, ".4f")
         out["train s"] = _pm(r, TIME, ".1f")
-        out["CO₂ g"] = _pm(r, CO2, ".3g", 1000.0)
+        out["CO₂ g"] = _marked(_pm(r, CO2, ".3g", 1000.0), r.get(ESTIMATED))
         out["trainable"] = _num(r.get(PARAMS), ",.0f")
-        out["size MB"] = _num(r.get(SIZE, float("nan")) / 1e6, ".2f")
+        out["size MB"] = _num(r.get(DENSE_SIZE, float("nan")) / 1e6, ".2f")
+        out["eff. size MB"] = _num(r.get(SIZE, float("nan")) / 1e6, ".2f")
         if has_deltas:
             out.update(_delta_cells(r, short))
         rows.append(out)
     return pd.DataFrame(rows)
 
 
+def _marked(text: str, estimated: object) -> str:
+    return f"{text}{MARK}" if estimated is True and text not in ("", "–") else text
+
+
 def _delta_cells(r: pd.Series, short: str) -> dict[str, str]:
     if r["baseline"]:
         return {f"Δ {short} pp": "baseline", "Δ time": "", "speed-up": "", "Δ CO₂": "",
-                "Δ trainable": "", "Δ size": ""}
+                "Δ trainable": "", "Δ size": "", "compared with": ""}
     pp = _signed(r["d_metric_pp"], "", "+.2f")
     if pp and not pd.isna(r["d_metric_pp_std"]):
         pp += f" ± {r['d_metric_pp_std']:.2f}"
     return {f"Δ {short} pp": pp, "Δ time": _signed(r["d_train_pct"], " %"),
             "speed-up": _num(r["speedup"], ".2f") and f"×{r['speedup']:.2f}",
-            "Δ CO₂": _signed(r["d_co2_pct"], " %"),
+            "Δ CO₂": _marked(_signed(r["d_co2_pct"], " %"), bool(r["d_co2_estimated"])),
             "Δ trainable": _signed(r["d_params_pct"], " %"),
-            "Δ size": _signed(r["d_size_pct"], " %")}
+            "Δ size": _signed(r["d_size_pct"], " %"),
+            "compared with": r["compared_with"] or f"none: {r['no_baseline']}"}
 
 
 def failed_lines(comp: Comparison) -> list[str]:
@@ -106,30 +126,61 @@ def header_lines(comp: Comparison) -> list[str]:
              "set-up and test"]
     if comp.common:
         lines.append("common: " + ", ".join(f"{k}={v}" for k, v in comp.common.items()))
+    if comp.added:
+        lines.append(f"also grouped by {', '.join(comp.added)}: it varies within the --by groups "
+                     "and only seeds are averaged")
     if comp.baseline:
         lines.append("baseline: " + ", ".join(f"{k}={v}" for k, v in comp.baseline.items())
-                     + " (matched on the other keys)")
+                     + " (matched on the config keys both runs set)")
+    sources = sorted({s for s in comp.completed["size_source"].dropna()
+                      if s != f"{DENSE_SIZE}"})
+    if sources:
+        lines.append(f"eff. size: {', '.join(sources)} where recorded, else the dense size")
     return lines
+
+
+def footnotes(comp: Comparison) -> list[str]:
+    """The marker's meaning, with the measurement modes of the estimated runs."""
+    table, done = comp.table, comp.completed
+    if CO2 not in table or not (table[ESTIMATED] & table[CO2].notna()).any():
+        return []  # no marked cell: nothing to explain
+    estimated = done[done[ESTIMATED].eq(True)]
+    modes = sorted(set(estimated["energy_mode"].dropna()))
+    how = f" (energy.mode {'; '.join(modes)})" if modes else ""
+    return [f"{MARK} estimated from TDP, not measured{how}"]
+
+
+def skipped_lines(comp: Comparison) -> list[str]:
+    return [f"{path}: {why}" for path, why in comp.runs.attrs.get("skipped", [])]
 
 
 def terminal_text(comp: Comparison, sort: str | None = None) -> str:
     table = display_table(comp, sort).to_markdown(index=False, tablefmt="simple",
                                                   disable_numparse=True)
     parts = ["\n".join(header_lines(comp)), table]
+    if notes := footnotes(comp):
+        parts.append("\n".join(notes))
     if study := study_lines(comp):
         parts.append("\n".join(study))
     if failed := failed_lines(comp):
         parts.append("failed runs:\n" + "\n".join(f"  {line}" for line in failed))
+    if skipped := skipped_lines(comp):
+        parts.append("skipped (not run summaries):\n" + "\n".join(f"  {s}" for s in skipped))
     return "\n\n".join(parts)
 
 
 def markdown_text(comp: Comparison, sort: str | None = None, images: list[Path] = ()) -> str:
     table = display_table(comp, sort).to_markdown(index=False, disable_numparse=True)
     parts = ["# effbench-compare", "\n".join(f"- {line}" for line in header_lines(comp)), table]
+    if notes := footnotes(comp):
+        parts.append("\n".join(f"\\{line}" for line in notes))  # a bare * starts a list
     if study := study_lines(comp):
         parts.append("\n".join(f"- {line}" for line in study))
     if failed := failed_lines(comp):
         parts.append("## Failed runs\n\n" + "\n".join(f"- {line}" for line in failed))
+    if skipped := skipped_lines(comp):
+        parts.append("## Skipped files (not run summaries)\n\n"
+                     + "\n".join(f"- {line}" for line in skipped))
     if images:
         parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images))
     return "\n\n".join(parts) + "\n"
@@ -137,10 +188,9 @@ def markdown_text(comp: Comparison, sort: str | None = None, images: list[Path] 
 
 def write_tables(comp: Comparison, out: Path, sort: str | None,
                  images: list[Path] = ()) -> list[Path]:
-    """``compare.md``, ``compare.csv`` (all aggregated numbers and deltas) and ``runs.csv``."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "compare.md", out / "compare.csv", out / "runs.csv"]
-    paths[0].write_text(markdown_text(comp, sort, images))
-    sort_table(comp, sort).to_csv(paths[1], index=False)
-    comp.runs.to_csv(paths[2], index=False)
-    return paths
+    """``compare.md``, ``compare.csv`` (all aggregated numbers and deltas) and ``runs.csv``,
+    each written atomically (``out`` exists: ``output.prepare_out``)."""
+    table = sort_table(comp, sort)
+    return [write_text_atomic(out / "compare.md", markdown_text(comp, sort, images)),
+            write_atomic(out / "compare.csv", lambda tmp: table.to_csv(tmp, index=False)),
+            write_atomic(out / "runs.csv", lambda tmp: comp.runs.to_csv(tmp, index=False))]

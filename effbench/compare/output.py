@@ -1,0 +1,64 @@
+"""The output folder and atomic file writes: a reader (or a second compare) never sees half a
+table or plot, and a failed write leaves neither a truncated file nor a stray temp file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from effbench.errors import EffbenchError
+
+
+def prepare_out(out: Path) -> Path:
+    """Creates the output folder, or says in one sentence why it cannot be used."""
+    if out.exists() and not out.is_dir():
+        raise EffbenchError(f"output folder {out} is an existing file; pass a folder with "
+                            f"--out DIR (it is created if missing).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EffbenchError(f"cannot create the output folder {out} ({err.strerror}); pass a "
+                            f"writable folder with --out DIR.") from None
+    if not os.access(out, os.W_OK | os.X_OK):  # a read-only sweep dir: say so before any work
+        raise EffbenchError(f"cannot write to {out} (read-only); pass a writable folder with "
+                            f"--out DIR.")
+    return out
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; compare is single-threaded.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` fills a temp file in the same folder, then ``os.replace`` puts it in place.
+
+    mkstemp creates the file 0600; it gets the mode a plain ``open`` would give (0666 & ~umask).
+    """
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise EffbenchError(f"cannot write {path} ({err.strerror}); pass a writable folder with "
+                            f"--out DIR.") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as err:  # disk full, folder gone: the user's to fix, not a bug
+        tmp.unlink(missing_ok=True)
+        raise EffbenchError(f"cannot write {path} ({err.strerror or err}); pass a writable "
+                            f"folder with --out DIR.") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
