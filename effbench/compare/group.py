@@ -53,8 +53,8 @@ def headline_metric(runs: pd.DataFrame, metric: str | None) -> str:
         known = sorted(k for k in runs.attrs.get("metric_keys", []) if k in done
                        and done[k].notna().any())
         close = difflib.get_close_matches(metric, known, n=3)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise EffbenchError(f"metric {metric} is in no completed run; {hint}use --metric with "
+        hint = f" (closest: {', '.join(close)})" if close else ""
+        raise EffbenchError(f"metric {metric} is in no completed run{hint}; use --metric with "
                             f"one of {', '.join(known) or '(none: no run completed)'}.")
     return metric
 

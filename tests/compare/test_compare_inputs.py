@@ -338,5 +338,5 @@ def test_metric_val_acc_max_and_close_matches(tmp_path: Path) -> None:
     assert float(pc["d_metric_pp"]) == pytest.approx(2.0)
     res = compare_cli([str(tmp_path / "sweep"), "--metric", "val/acc_mx", "--no-plots",
                        "--out", str(out)], tmp_path)
-    assert_one_sentence(res, "metric val/acc_mx is in no completed run",
-                        "did you mean val/acc_max", "use --metric with one of")
+    assert_one_sentence(res, "metric val/acc_mx is in no completed run (closest: val/acc_max",
+                        "; use --metric with one of")
