@@ -41,14 +41,14 @@ class SyntheticDataModule(ImageDataModule):
                                 f"dataset.num_classes={least} or more.")
         if self.sizes["train"] < 1:
             raise EffbenchError(f"invalid value dataset.num_train={self.sizes['train']}: use "
-                                "dataset.num_train=1 or more (e.g. 512).")
+                                "dataset.num_train=1 or more (such as 512).")
         for split in ("val", "test"):
             if self.sizes[split] < 1:
                 raise EffbenchError(f"invalid value dataset.num_{split}={self.sizes[split]}: use "
-                                    f"dataset.num_{split}=1 or more (e.g. 128).")
+                                    f"dataset.num_{split}=1 or more (such as 128).")
         if self.resolution < 1:
             raise EffbenchError(f"invalid value dataset.resolution={self.resolution}: use "
-                                "dataset.resolution=1 or more (e.g. 32).")
+                                "dataset.resolution=1 or more (such as 32).")
 
     def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         self.check()
