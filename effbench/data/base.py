@@ -95,7 +95,14 @@ def _take(idx: np.ndarray, ratio: float, seed: int,
           strat: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     if ratio <= 0:
         return idx, idx[:0]
-    keep, taken = train_test_split(idx, test_size=ratio, random_state=seed, stratify=strat)
+    try:
+        keep, taken = train_test_split(idx, test_size=ratio, random_state=seed, stratify=strat)
+    except ValueError as err:  # sklearn: a class too small to be in both parts, or no data
+        counts = np.unique(strat, return_counts=True)[1] if strat is not None else [len(idx)]
+        raise EffbenchError(
+            f"cannot split {len(idx)} images (smallest class: {min(counts, default=0)}) to hold "
+            f"out a {ratio:.0%} share with every class in both parts; add images to the small "
+            "classes or lower dataset.val_ratio / dataset.test_ratio.") from err
     return np.sort(keep), np.sort(taken)
 
 

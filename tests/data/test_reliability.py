@@ -213,3 +213,10 @@ def test_caches_follow_the_umask(tmp_path: Path) -> None:
     array = _cache_array(tmp_path / "c")
     for path in (array, array.with_suffix(".json"), features):
         assert stat.S_IMODE(path.stat().st_mode) == 0o664, path
+
+
+def test_class_too_small_to_split_is_one_sentence(tmp_path: Path) -> None:
+    write_tree(tmp_path, {"a": 8, "b": 1})
+    dm = ImageFolderDataModule(name="imagefolder", root=str(tmp_path)).configure(PRE)
+    with pytest.raises(EffbenchError, match="smallest class: 1.*dataset.val_ratio"):
+        dm.setup()
