@@ -13,7 +13,9 @@ where the data has them, patient ids); this base turns the lists into datasets:
   (truncated, zero-filled by a crash before the disk caught up) is rebuilt, never trained on.
 
 Files that cannot be opened as images are skipped at setup and counted (``skipped_unreadable`` in
-:meth:`FileListDataModule.describe`); a split left with no readable image is an error.
+:meth:`FileListDataModule.describe`): streamed data opens each file once (header and end, see
+:func:`~effbench.data.imagefolder.readable`); the cache builder decodes each file anyway and records
+the ones that fail beside the array. A split left with no readable image is an error.
 """
 
 from __future__ import annotations
