@@ -100,4 +100,5 @@ class ClassifierSystem(pl.LightningModule):
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=self.scheduler_cfg["factor"],
             patience=self.scheduler_cfg["patience"], min_lr=self.scheduler_cfg["min_lr"])
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor,
+                                                   "strict": False}}

@@ -37,5 +37,6 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs ``effbench`` as a user would, in ``cwd`` (so outputs/ lands there)."""
     full_env = {**os.environ, **(env or {})}
+    Path(cwd).mkdir(parents=True, exist_ok=True)
     return subprocess.run([sys.executable, "-m", "effbench.cli", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -24,6 +24,8 @@ SHRINK = ["hardware=cpu", "hardware.num_workers=0", "backbone.weights=null",
           *FAST]
 # The studies' absolute image counts exceed the generated data (later overrides win).
 SHRINK_STRATEGY = {"dynamic": ["strategy.alpha=0.5"]}
+# Trainer arguments a strategy refuses because its own loop cannot honour them.
+NOT_HONOURED = {"precomputed": ("trainer.limit_train_batches", "trainer.limit_val_batches")}
 # Big models whose strategy does heavy per-step or final work (pruning masks, int8 conversion).
 SLOW_STRATEGIES = {"prune", "qat"}
 
@@ -36,7 +38,8 @@ def run_preset_job(tmp_path: Path, overrides: list[str]) -> dict:
     """One job in-process, the user's overrides then the shrinking ones (unlike ``run_job``, no
     ``dataset=synthetic`` that would beat a preset's dataset)."""
     strategy = compose_cfg(overrides).strategy.name
-    cfg = compose_cfg([*overrides, *SHRINK, *SHRINK_STRATEGY.get(strategy, [])])
+    shrink = [o for o in SHRINK if o.split("=")[0] not in NOT_HONOURED.get(strategy, ())]
+    cfg = compose_cfg([*overrides, *shrink, *SHRINK_STRATEGY.get(strategy, [])])
     choices = dict(cfg.hydra.runtime.choices)
     OmegaConf.set_struct(cfg, False)
     del cfg["hydra"]

@@ -54,7 +54,8 @@ class Strategy:
             cbs.append(ModelCheckpoint(dirpath=ctx.run_dir / "checkpoints", monitor=self.monitor,
                                        mode="min", save_last=True, filename="best"))
         if self.early_stopping and self.early_stopping.get("patience") is not None:
-            cbs.append(EarlyStopping(monitor=self.monitor, mode="min",
+            # strict=False: trainer.max_steps may end training mid-epoch, before any validation.
+            cbs.append(EarlyStopping(monitor=self.monitor, mode="min", strict=False,
                                      patience=int(self.early_stopping["patience"])))
         return cbs
 

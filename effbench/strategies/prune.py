@@ -306,7 +306,7 @@ class Prune(Strategy):
             # last.ckpt every epoch, pruned or not, for resuming a killed run.
             cbs.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True))
         if self.early_stopping and self.early_stopping.get("patience") is not None:
-            cbs.append(EarlyStopping(monitor=self.monitor, mode="min",
+            cbs.append(EarlyStopping(monitor=self.monitor, mode="min", strict=False,
                                      patience=int(self.early_stopping["patience"])))
         return cbs
 

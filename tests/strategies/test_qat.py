@@ -22,7 +22,7 @@ SMALL = ["strategy=qat", "backbone=small_cnn", "dataset.multilabel=true", "datas
 @pytest.mark.parametrize("scope", ["conv", "all"])
 def test_end_to_end_multilabel(tmp_path: Path, scope: str) -> None:
     summary = run_job(tmp_path, [*SMALL, f"strategy.qat_scope={scope}",
-                                 "trainer.precision=bf16-mixed"])
+                                 "hardware.precision=bf16-mixed"])
     assert summary["status"] == "completed", summary["error"]
     s = load_summary(tmp_path / "run")
     st, model = s["strategy"], s["model"]
@@ -41,6 +41,10 @@ def test_end_to_end_multilabel(tmp_path: Path, scope: str) -> None:
     # Fake quantization trains in full precision whatever the hardware preset asked.
     assert s["hardware"]["precision"] == "32-true" and st["precision"] == "32-true"
     assert {"convert", "int8_eval", "latency"} <= set(s["time_s"])
+    # Each phase has its own key; training time (what compare tables) is training only.
+    from effbench.compare.keys import train_time
+
+    assert train_time(s["time_s"]) == s["time_s"]["train"]
 
 
 class ConvBNNet(nn.Module):
@@ -95,3 +99,12 @@ def test_cli_run(tmp_path: Path) -> None:
     s = load_summary(tmp_path / "run")
     assert s["status"] == "completed" and "test/auroc_macro" in s["metrics"]
     assert "int8/test/auroc_macro" in s["strategy"]["int8_metrics"]
+
+
+def test_explicit_other_precision_is_refused(tmp_path: Path) -> None:
+    """qat needs fp32 fake quantization: an explicit trainer.precision cannot take effect."""
+    res = run_cli(["strategy=qat", "trainer.precision=bf16-mixed", *TINY_MULTILABEL],
+                  cwd=tmp_path)
+    assert res.returncode != 0
+    assert "trainer.precision=bf16-mixed cannot take effect" in res.stderr
+    assert "Traceback" not in res.stderr
