@@ -219,3 +219,20 @@ def test_sweep_with_a_failed_job_exits_nonzero_after_all_jobs(tmp_path: Path) ->
     assert sorted(s["status"] for s in runs) == ["completed", "failed"]
     [line] = [ln for ln in res.stderr.splitlines() if ln.startswith("effbench: failed job")]
     assert "strategy.lr=-1" in line
+
+
+def test_dynamic_preset_uses_the_study_protocol(tmp_path: Path) -> None:
+    """dynamic_cifar10: the official test set validates, so α = 25,000 is half of 50,000 and
+    val/acc_max is the study's figure."""
+    from tests.data.fakes import WRITERS
+
+    root = WRITERS["cifar10"](tmp_path / "data" / "cifar10")
+    res = run_cli(["experiment=dynamic_cifar10", f"dataset.root={root}", "hardware=cpu",
+                   "backbone.weights=null", "trainer.max_epochs=2", "strategy.alpha=0.5",
+                   "dataset.batch_size=16", *QUICK], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    [s] = summaries(tmp_path / "outputs")
+    sizes = s["data"]["sizes"]
+    assert s["data"]["val_from"] == "test" and sizes["val"] == sizes["test"]
+    assert s["strategy"]["subset_size"] * 2 == sizes["train"]
+    assert "val/acc_max" in s["metrics"]

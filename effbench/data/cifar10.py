@@ -90,13 +90,33 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
-class Cifar10DataModule(ImageDataModule):
-    """Official train/test split; the validation split is carved (stratified) from train."""
+VAL_FROM = ("train", "test")
 
-    def __init__(self, download: bool = False, **kwargs) -> None:
+
+class Cifar10DataModule(ImageDataModule):
+    """Official train/test split. Validation is carved (stratified, ``val_ratio``) from train, or,
+    with ``val_from=test``, is the official 10,000-image test set (the dynamic-sampling study's
+    protocol: all 50,000 images train, and the figure reported is the best validation accuracy
+    over epochs — then test metrics are not independent of model selection, and say so)."""
+
+    def __init__(self, download: bool = False, val_from: str = "train", **kwargs) -> None:
         kwargs.setdefault("test_ratio", 0.0)
         super().__init__(**kwargs)
         self.download = bool(download)
+        if val_from not in VAL_FROM:
+            raise EffbenchError(f"invalid value dataset.val_from={val_from!r}: use train (carve "
+                                "dataset.val_ratio from train) or test (the official test set).")
+        self.val_from = val_from
+
+    def describe(self) -> dict:
+        return {**super().describe(), "val_from": self.val_from,
+                **({"note": "validation = the official test set (the study's protocol): test "
+                            "metrics are not independent of model selection"}
+                   if self.val_from == "test" else {})}
+
+    @property
+    def cache_key(self) -> dict:
+        return {**super().cache_key, "val_from": self.val_from}
 
     def _folder(self) -> Path:
         root = Path(str(self.root)).expanduser()
@@ -119,10 +139,14 @@ class Cifar10DataModule(ImageDataModule):
         y = np.concatenate([p[1] for p in parts])
         x_test, y_test = read_batch(folder / "test_batch")
         self.class_names = self._class_names(folder)
+        test = (torch.from_numpy(x_test), torch.from_numpy(y_test))
+        if self.val_from == "test":
+            return {"train": (torch.from_numpy(x), torch.from_numpy(y)), "val": test,
+                    "test": test}
         idx = split_indices(y, self.val_ratio, 0.0, self.split_seed)
         out = {s: (torch.from_numpy(x[idx[s]]), torch.from_numpy(y[idx[s]]))
                for s in ("train", "val")}
-        out["test"] = (torch.from_numpy(x_test), torch.from_numpy(y_test))
+        out["test"] = test
         return out
 
     @staticmethod
