@@ -49,8 +49,13 @@ def _app(cfg: DictConfig) -> Any:
 
 
 def main() -> None:
+    from effbench.preflight import preflight
     from effbench.sweep_report import FAILED_JOBS
 
+    problem = preflight(sys.argv[1:], CONF_DIR)
+    if problem:
+        print(f"effbench: error: {problem}", file=sys.stderr)
+        sys.exit(1)
     _app()
     if FAILED_JOBS:  # the sweep finished every job; say it did not all go well
         sys.exit(1)

@@ -286,6 +286,15 @@ class Freeze(Strategy):
         self._timer = EpochTimer()
         self._start: dict[str, Any] = {}
 
+    def check(self, ctx: RunContext) -> None:
+        epochs = int(ctx.cfg.trainer.max_epochs)
+        late = [e for e in self.unfreeze_at_epochs if e >= epochs]
+        if late:
+            raise EffbenchError(f"strategy.unfreeze_at_epochs={self.unfreeze_at_epochs} can never "
+                                f"take effect at epoch(s) {late}: trainer.max_epochs={epochs} "
+                                f"(epochs 0..{epochs - 1}); raise trainer.max_epochs or use "
+                                "earlier epochs.")
+
     def configure_model(self, ctx: RunContext) -> None:
         backbone = ctx.system.backbone
         self._schedule.apply_initial(backbone)  # raises on a k or N this backbone cannot have

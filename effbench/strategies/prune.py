@@ -281,6 +281,14 @@ class Prune(Strategy):
         return {n: t for n, t in found.items() if t is not None}
 
     # -- hooks -----------------------------------------------------------------------------------
+    def check(self, ctx: RunContext) -> None:
+        epochs = int(ctx.cfg.trainer.max_epochs)
+        if self.unit == "epoch" and self.end > epochs:
+            # Not refused: short trial runs of the study's presets are useful; said, not silent.
+            log.warning("strategy.end=%g is past trainer.max_epochs=%d: the pruning schedule "
+                        "will not reach strategy.final_sparsity=%g (the summary says how far it "
+                        "got)", self.end, epochs, self.final_sparsity)
+
     def configure_model(self, ctx: RunContext) -> None:
         layers = self.layers(ctx.system)
         targets = self.targets(layers, getattr(ctx.system.backbone, "name", ""))
