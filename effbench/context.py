@@ -15,9 +15,10 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger
 
 from effbench.data.base import ImageDataModule
+from effbench.loggers import build_loggers, log_config
 from effbench.system import ClassifierSystem
 
 # Trainer arguments the pipeline owns: a user setting them would silently lose them (callbacks,
@@ -153,6 +154,7 @@ class RunContext:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
 
     def loggers(self) -> list:
+        """The run's Lightning loggers, built once from ``cfg.logger``."""
         if self._loggers is None:
             history: list[dict[str, str]] = []
             if self.resume:
@@ -160,11 +162,15 @@ class RunContext:
                 history = csv_history(old / "csv" / "metrics.csv", int(self.resume["epoch"]))
                 if old.resolve() != self.run_dir.resolve():
                     _copy_events(old / "tb", self.run_dir / "tb")
-            self._loggers = [TensorBoardLogger(self.run_dir, name="tb", version="",
-                                               default_hp_metric=False),
-                             HistoryCSVLogger(self.run_dir, name="csv", version="",
-                                              history=history)]
+            # logger=… (conf/logger/): TensorBoard + CSV in the run dir, plus any tracker.
+            self._loggers = build_loggers(self.cfg.get("logger"), self.run_dir, history)
+            log_config(self._loggers, self.cfg)
         return self._loggers
+
+    @property
+    def built_loggers(self) -> list:
+        """The loggers built so far (none if the run failed before ``loggers()``)."""
+        return list(self._loggers or [])
 
     def trainer_options(self) -> dict[str, Any]:
         """Every ``trainer.*`` key as Lightning's argument of the same name (plan keys resolved)."""

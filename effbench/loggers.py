@@ -1,0 +1,186 @@
+"""Experiment trackers (the ``logger=`` config group), the run's end for them, and a quiet console.
+
+Each entry of ``cfg.logger`` is a Lightning logger built by Hydra's ``instantiate`` from its
+``_target_`` (lightning-hydra-template style): ``logger=tensorboard_csv`` (the run's own records,
+always), ``logger=mlflow`` and ``logger=wandb`` (those records + a tracker). A value ``???`` is
+filled at run time: ``save_dir`` with the run dir, ``history`` with the CSV rows of the run being
+resumed. Kept light: Lightning is imported only when loggers are built.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from effbench.config import CONF_DIR
+from effbench.errors import EffbenchError, root_cause
+
+log = logging.getLogger(__name__)
+
+# Third-party loggers whose INFO lines are chatter: Lightning's "GPU available / TPU available"
+# (once per Trainer, i.e. per fit and per test), its "💡 Tip: … litlogger / litmodels"
+# advertisements, "Restoring states from the checkpoint"; alembic's and MLflow's schema lines when
+# an MLflow/Optuna SQLite store is created. Their warnings still show; Lightning's real warnings go
+# through Python's ``warnings`` module and are untouched.
+NOISY_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+                 "lightning_fabric.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "alembic", "alembic.runtime.migration", "mlflow.store.db.utils")
+
+
+def quiet_third_party(level: int = logging.WARNING) -> None:
+    """Raises the named third-party loggers to ``level`` (warnings and errors still show)."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def default_logger_config() -> DictConfig:
+    """``conf/logger/tensorboard_csv.yaml``: used when a config has no ``logger`` group."""
+    return OmegaConf.load(Path(CONF_DIR) / "logger" / "tensorboard_csv.yaml")
+
+
+def build_loggers(conf: Any, run_dir: Path, history: list[dict[str, str]] | None = None) -> list:
+    """One Lightning logger per entry of ``conf`` (``cfg.logger``), in config order; an entry set
+    to null (``logger.mlflow=null``) is skipped. Runtime values fill the ``???`` keys."""
+    from hydra.utils import instantiate
+
+    if conf is None:
+        conf = default_logger_config()
+    runtime = {"save_dir": str(run_dir), "history": history or []}
+    out = []
+    for name, entry in conf.items():
+        if entry is None or "_target_" not in entry:
+            continue
+        fill = {key: value for key, value in runtime.items()
+                if key in entry.keys() and OmegaConf.is_missing(entry, key)}
+        entry = _without(entry, fill)
+        factory = instantiate(entry, _partial_=True, _convert_="all")
+        try:
+            out.append(factory(**fill))
+        except (ModuleNotFoundError, ImportError) as err:
+            raise EffbenchError(_missing_package(str(name), err)) from err
+    return out
+
+
+def _without(entry: DictConfig, keys: dict[str, Any]) -> DictConfig:
+    """A copy of ``entry`` without ``keys`` that still resolves interpolations against the whole
+    config (``${strategy.name}`` in a run name)."""
+    out = copy.deepcopy(entry)
+    out._set_parent(entry._get_parent())
+    with open_dict(out):
+        for key in keys:
+            del out[key]
+    return out
+
+
+def _missing_package(name: str, err: BaseException) -> str:
+    cause = root_cause(err)
+    package = getattr(cause, "name", None)
+    if not package:  # Lightning: "Requirement 'wandb>=0.12.10' not met. HINT: …"
+        found = re.search(r"'([A-Za-z0-9_.\-]+?)(?:[<>=!~ ].*?)?'", str(cause))
+        package = found.group(1) if found else name
+    package = str(package).split(".")[0]
+    return (f"logger={name} needs the Python package {package}, which is not installed; install "
+            f"it into effbench's environment (.venv/bin/pip install {package}) or choose another "
+            "logger (logger=tensorboard_csv or logger=mlflow).")
+
+
+def sqlite_url(path: str) -> str:
+    """``sqlite:///<absolute path>`` for a local database file, with its folder created (SQLite
+    creates the file, not the folder). For stores shared by many runs and launches: MLflow's
+    tracking database, a persistent Optuna study."""
+    file = Path(path).expanduser().resolve()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{file}"
+
+
+def _is_run_record(logger: Any) -> bool:
+    """TensorBoard and CSV loggers are the run dir's own records (resolved_config.yaml holds the
+    config; TensorBoard gets the HParams at the end), not trackers."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    return isinstance(logger, (CSVLogger, TensorBoardLogger))
+
+
+def flat_config(cfg: Any) -> dict[str, Any]:
+    """The job's config as ``a.b.c`` keys (resolved where possible), without ``_target_`` keys."""
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - an unresolvable interpolation: record it as written
+        tree = OmegaConf.to_container(cfg, resolve=False)
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key != "_target_":
+                    walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            out[prefix] = node if isinstance(node, (int, float, str, bool)) or node is None \
+                else json.dumps(node, default=str)
+
+    walk(tree, "")
+    return out
+
+
+def log_config(loggers: list, cfg: Any) -> None:
+    """The flattened config as each tracker's run parameters (rank 0; Lightning's loggers are
+    no-ops elsewhere)."""
+    trackers = [lg for lg in loggers if not _is_run_record(lg)]
+    if not trackers:
+        return
+    params = flat_config(cfg)
+    for tracker in trackers:
+        tracker.log_hyperparams(params)
+
+
+def finish_loggers(loggers: list | None, summary_path: Path | str) -> None:
+    """After ``summary.json`` is written (rank 0): each tracker gets the summary as an artifact and
+    its final metrics (``final/…``), and its run is closed as finished or failed. Never raises:
+    a completed run stays completed when a tracker cannot be reached."""
+    trackers = [lg for lg in loggers or [] if not _is_run_record(lg)]
+    if not trackers:
+        return
+    path = Path(summary_path)
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("trackers get no summary: cannot read %s (%s)", path, err)
+        summary = {}
+    ok = summary.get("status") == "completed"
+    final = {f"final/{k}": float(v) for k, v in (summary.get("metrics") or {}).items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    for tracker in trackers:
+        try:
+            if final:
+                tracker.log_metrics(final, step=int(summary.get("epochs") or 0))
+            if path.is_file():
+                _attach(tracker, path)
+            tracker.finalize("success" if ok else "failed")
+            _close(tracker, ok)
+        except Exception as err:  # noqa: BLE001 - see docstring
+            log.warning("could not finish the %s run: %s", type(tracker).__name__, err)
+
+
+def _attach(tracker: Any, path: Path) -> None:
+    from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
+
+    if isinstance(tracker, MLFlowLogger):
+        tracker.experiment.log_artifact(tracker.run_id, str(path))
+    elif isinstance(tracker, WandbLogger):
+        tracker.experiment.save(str(path), base_path=str(path.parent), policy="now")
+
+
+def _close(tracker: Any, ok: bool) -> None:
+    """Lightning's WandbLogger leaves the wandb run open (its ``finalize`` only uploads
+    checkpoints); an offline run is complete on disk only once finished."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    if isinstance(tracker, WandbLogger) and tracker._experiment is not None:
+        tracker.experiment.finish(exit_code=0 if ok else 1)
