@@ -1,47 +1,134 @@
 """Backbones by name: ``build_backbone`` is what ``conf/backbone/*.yaml`` instantiate.
 
-Every builder in ``BACKBONES`` takes ``image_size`` and ``pretrained`` (ImageNet weights); weights
-from a local file are loaded here, the same way for every backbone.
+Three sources, one factory:
+
+* the named backbones of ``BACKBONES`` (``backbone=resnet50``, ``backbone=cifar_cnn14``, ...);
+* ``source="torchvision"``: any torchvision classification model (``backbone=torchvision
+  backbone.name=resnet101``);
+* ``source="timm"``: any timm model (``backbone=timm backbone.name=convnext_atto``).
+
+Every builder takes ``image_size`` and ``pretrained`` (the source's ImageNet weights); weights
+from a local file are loaded here, the same way for every backbone. ``normalize=False`` feeds the
+network plain [0, 1] inputs, ``classifier_layers`` keeps or drops the layers between global
+pooling and the final Linear, and ``head`` configures ``Backbone.build_head``.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from effbench.backbones.base import Backbone, Preprocessing
+from effbench.backbones.heads import HeadSpec
+from effbench.backbones.registry import unknown_name
 from effbench.backbones.small_cnns import SMALL_CNNS
-from effbench.backbones.torchvision_models import TORCHVISION_BACKBONES
+from effbench.backbones.torchvision_models import (
+    TORCHVISION_BACKBONES,
+    build_torchvision_backbone,
+    check_classifier_layers,
+)
 from effbench.errors import EffbenchError
 
-__all__ = ["BACKBONES", "Backbone", "Preprocessing", "build_backbone", "load_weights_file"]
+__all__ = ["BACKBONES", "SOURCES", "Backbone", "HeadSpec", "Preprocessing", "build_backbone",
+           "load_weights_file"]
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {**TORCHVISION_BACKBONES, **SMALL_CNNS}
+
+
+def _timm_backbone(name: str, **kwargs: Any) -> Backbone:
+    from effbench.backbones.timm_models import build_timm_backbone  # timm loads only when used
+
+    return build_timm_backbone(name, **kwargs)
+
+
+# backbone.source → builder(name, image_size=, pretrained=, classifier_layers=)
+SOURCES: dict[str, Callable[..., Backbone]] = {
+    "torchvision": build_torchvision_backbone,
+    "timm": _timm_backbone,
+}
 
 IMAGENET = "imagenet"
 _NO_WEIGHTS = {"", "null", "none"}
 _SHOWN = 3  # how many offending keys an error message lists
 
 
-def build_backbone(name: str, weights: str | os.PathLike | None = None,
-                   image_size: int | None = None) -> Backbone:
+def build_backbone(name: str | None, weights: str | os.PathLike | None = None,
+                   image_size: int | None = None, source: str | None = None,
+                   normalize: bool = True, classifier_layers: str = "keep",
+                   head: Mapping[str, Any] | None = None, **options: Any) -> Backbone:
     """Build backbone ``name``; ``weights`` is ``"imagenet"``, ``None``/``"null"`` (random init)
-    or the path of a state dict (torchvision's model or effbench's ``backbone.state_dict()``)."""
-    builder = BACKBONES.get(name)
-    if builder is None:
-        raise EffbenchError(f"Unknown backbone {name!r}; valid backbones are "
-                            f"{', '.join(sorted(BACKBONES))}.")
+    or the path of a state dict (the source model's, or effbench's ``backbone.state_dict()``).
+
+    ``source`` None looks ``name`` up in ``BACKBONES``; ``"torchvision"``/``"timm"`` take any model
+    of that library. ``options`` go to the named builder (``batch_norm`` for cifar_cnn14).
+    """
     spec = None if weights is None or str(weights).strip().lower() in _NO_WEIGHTS else str(weights)
     pretrained = spec is not None and spec.lower() == IMAGENET
-    backbone = builder(image_size=image_size, pretrained=pretrained)
+    head_spec = HeadSpec.from_config(head)
+    layers = check_classifier_layers(classifier_layers)
+    backbone = _build(name, source, image_size, pretrained, layers, options)
     if spec is not None and not pretrained:
         load_weights_file(backbone, Path(spec).expanduser())
     backbone.weights = spec
+    backbone.head_spec = head_spec
+    if not _flag(normalize, "backbone.normalize"):
+        backbone.preprocessing = backbone.preprocessing.without_normalization()
     return backbone
+
+
+def _build(name: str | None, source: str | None, image_size: int | None, pretrained: bool,
+           layers: str, options: dict[str, Any]) -> Backbone:
+    if source is not None and str(source).lower() not in ("", "null", "none"):
+        src = str(source).lower()
+        if src not in SOURCES:
+            raise unknown_name(src, SOURCES, "backbone source", "backbone.source")
+        if not name:
+            example = "resnet101" if src == "torchvision" else "convnext_atto"
+            raise EffbenchError(f"backbone={src} needs a model name: set "
+                                f"backbone.name=<{src} model>, e.g. backbone.name={example}.")
+        if options:
+            key = sorted(options)[0]
+            raise EffbenchError(f"backbone.{key} is not an option of {src} backbones; remove "
+                                f"backbone.{key}=… .")
+        return SOURCES[src](str(name), image_size=image_size, pretrained=pretrained,
+                            classifier_layers=layers)
+    builder = BACKBONES.get(str(name))
+    if builder is None:
+        err = unknown_name(str(name), BACKBONES, "backbone", "backbone.name")
+        from effbench.backbones.torchvision_models import classification_models
+
+        if str(name) in classification_models():
+            err = EffbenchError(f"{str(err).rstrip('.')}; {name} is a torchvision model: use "
+                                f"backbone=torchvision backbone.name={name}.")
+        raise err
+    accepted = inspect.signature(builder).parameters
+    for key in sorted(options):
+        if key not in accepted:
+            raise EffbenchError(f"backbone.{key} is not an option of backbone {name}; remove "
+                                f"backbone.{key}=… .")
+    kwargs = dict(options)
+    if "classifier_layers" in accepted:
+        kwargs["classifier_layers"] = layers
+    backbone = builder(image_size=image_size, pretrained=pretrained, **kwargs)
+    backbone.classifier_layers = layers
+    return backbone
+
+
+def _flag(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise EffbenchError(f"{key}={value} must be true or false.")
 
 
 def load_weights_file(backbone: Backbone, path: Path) -> None:
@@ -66,7 +153,12 @@ def _read_state_dict(name: str, path: Path) -> Mapping[str, torch.Tensor]:
     if not path.is_file():
         raise EffbenchError(f"Weights file {path} does not exist; {hint}.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":  # timm / Hugging Face checkpoints
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         # torch.load reports corrupt, truncated or non-tensor (weights_only) files through many
         # exception types; for the user they all mean "not a readable state dict".
