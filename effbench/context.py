@@ -19,6 +19,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from effbench.data.base import ImageDataModule
 from effbench.loggers import build_loggers, log_config
+from effbench.reproducible import AtomicCheckpointIO, EpochSeed
 from effbench.system import ClassifierSystem
 
 # Trainer arguments the pipeline owns: a user setting them would silently lose them (callbacks,
@@ -26,6 +27,7 @@ from effbench.system import ClassifierSystem
 PIPELINE_TRAINER_KEYS = {"callbacks": "the strategy adds its callbacks",
                          "logger": "loggers are TensorBoard + CSV in the run dir",
                          "default_root_dir": "outputs go to the run dir (hydra.run.dir)",
+                         "plugins": "checkpoints are written atomically by effbench's own IO",
                          "accelerator": "the accelerator comes from hardware=… "
                                         "(or hardware.accelerator=…)"}
 # Resolved by the hardware plan (hardware.trainer_kwargs) and passed from ``trainer_args``.
@@ -138,6 +140,7 @@ class RunContext:
     record: RunRecord = field(default_factory=RunRecord)
     world_size: int = 1
     resume: dict[str, Any] | None = None  # {"path", "epoch", "run_dir"} of the checkpoint
+    history_rows: list[dict[str, str]] = field(default_factory=list)  # CSV rows before a resume
     _loggers: list | None = None
 
     @property
@@ -160,6 +163,7 @@ class RunContext:
             if self.resume:
                 old = Path(self.resume["run_dir"])
                 history = csv_history(old / "csv" / "metrics.csv", int(self.resume["epoch"]))
+                self.history_rows = history
                 if old.resolve() != self.run_dir.resolve():
                     _copy_events(old / "tb", self.run_dir / "tb")
             # logger=… (conf/logger/): TensorBoard + CSV in the run dir, plus any tracker.
@@ -182,7 +186,8 @@ class RunContext:
 
     def make_trainer(self, callbacks: list[Callback], **overrides: Any) -> pl.Trainer:
         kwargs = {**self.trainer_options(), "logger": self.loggers(),
-                  "callbacks": [*callbacks, self.record], "default_root_dir": str(self.run_dir)}
+                  "callbacks": [*callbacks, self.record, EpochSeed(int(self.cfg.seed))],
+                  "plugins": [AtomicCheckpointIO()], "default_root_dir": str(self.run_dir)}
         kwargs.update(overrides)
         trainer = pl.Trainer(**kwargs)
         self.world_size = trainer.world_size

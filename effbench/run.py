@@ -53,6 +53,7 @@ def build_context(cfg: DictConfig, run_dir: Path, strategy: Strategy,
     apply_cpu_threads(cfg.hardware, targs)
     backbone = instantiate(cfg.backbone, image_size=cfg.dataset.image_size)
     dm: ImageDataModule = instantiate(cfg.dataset, _convert_="all")
+    dm.shuffle_seed = int(cfg.seed)
     dm.configure(backbone.preprocessing.with_size(cfg.dataset.image_size))
     dm.setup()
     head = nn.Linear(backbone.feature_dim, dm.num_classes)
@@ -233,7 +234,8 @@ def _hardware(cfg: DictConfig, ctx: RunContext | None, accelerator: str) -> dict
 
 def _fill_results(summary: dict[str, Any], ctx: RunContext) -> None:
     sys_ = ctx.system
-    summary["metrics"] = {**sys_.test_results.get("scalars", {}), **_val_max(sys_.val_history)}
+    summary["metrics"] = {**sys_.test_results.get("scalars", {}),
+                          **_val_max([*_numeric(ctx.history_rows), *sys_.val_history])}
     summary["per_class"] = dict(sys_.test_results.get("per_class", {}))
     summary["best_val"] = dict(sys_.best_val)
     summary["epochs"] = ctx.epochs
@@ -246,6 +248,17 @@ def _fill_results(summary: dict[str, Any], ctx: RunContext) -> None:
     train_time = ctx.times.get("train")
     images = ctx.record.total_images() or ctx.extra.get("train_images")
     summary["throughput_img_s"] = images / train_time if images and train_time else None
+
+
+def _numeric(rows: list[dict[str, str]]) -> list[dict[str, float]]:
+    """CSV rows of the part before a resume, as numbers (empty cells dropped)."""
+    out = []
+    for row in rows:
+        try:
+            out.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+        except ValueError:
+            continue
+    return out
 
 
 def _val_max(history: list[dict[str, float]]) -> dict[str, float]:

@@ -106,6 +106,26 @@ def _take(idx: np.ndarray, ratio: float, seed: int,
     return np.sort(keep), np.sort(taken)
 
 
+class EpochShuffle(Sampler[int]):
+    """A shuffle that is a function of (seed, epoch) only. Lightning calls ``set_epoch`` before
+    each training epoch; torch's RandomSampler instead draws from the global RNG when its iterator
+    starts, which on a resumed run happens before anything can reseed it, so the first resumed
+    epoch would see another order than the uninterrupted run."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Base datamodule: subclasses implement :meth:`load` returning the three splits.
 
@@ -135,6 +155,8 @@ class ImageDataModule(pl.LightningDataModule):
         # A strategy may choose which training images an epoch sees (e.g. ``dynamic``'s subset A);
         # when set, the train loader iterates this sampler instead of shuffling the whole split.
         self.train_sampler: Sampler | None = None
+        # The run's seed (set by the pipeline): with the epoch it fixes each epoch's shuffle.
+        self.shuffle_seed = 0
         self.preprocessing: Preprocessing | None = None
         self.class_names: list[str] = []
         self.datasets: dict[str, Dataset] = {}
@@ -250,6 +272,8 @@ class ImageDataModule(pl.LightningDataModule):
                     collate_fn=keep_batch if in_memory else None)
         if split == "train" and self.train_sampler is not None and "sampler" not in kwargs:
             opts.update(shuffle=False, sampler=self.train_sampler)
+        elif shuffle and "sampler" not in kwargs:
+            opts.update(shuffle=False, sampler=EpochShuffle(len(ds), self.shuffle_seed))
         opts.update(kwargs)
         return DataLoader(ds, **opts)
 
