@@ -66,7 +66,7 @@ def downsamples(module: nn.Module) -> bool:
     return False
 
 
-# -- probing ----------------------------------------------------------------------------------------
+# -- probing ---------------------------------------------------------------------------------------
 @dataclass
 class Trace:
     """What one probe forward pass saw: the output and, per called unit, its first/last call."""
@@ -150,7 +150,7 @@ def run_sequence(modules: Sequence[nn.Module], x: torch.Tensor, model: nn.Module
             m.training = mode
 
 
-# -- stage grouping ---------------------------------------------------------------------------------
+# -- stage grouping --------------------------------------------------------------------------------
 def group_after(ordered: Sequence[Unit], ends: set[str]) -> list[list[Unit]]:
     """Close a group after every unit named in ``ends`` (timm's ``feature_info`` modules); units
     after the last one join the last group; a parameter-holding stem before the first end unit
@@ -356,7 +356,7 @@ class OwnerCall(nn.Module):
         return getattr(self.__dict__["owner"], self.method)(x, **self.kwargs)
 
 
-# -- loading a model's own state dict into the backbone ----------------------------------------------
+# -- loading a model's own state dict into the backbone --------------------------------------------
 class ForeignKeys:
     """``load_state_dict`` pre-hook that lets a Backbone load its source model's state dict: model
     keys are renamed to the backbone's, and keys of the parts left out (the classifier, unused

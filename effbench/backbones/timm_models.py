@@ -4,9 +4,9 @@ The model is created by ``timm.create_model`` (``pretrained=True`` for ``weights
 default pretrained tag of that name, or the tag given as ``name.tag``), its classifier is removed
 with ``reset_classifier(0)``, and its preprocessing comes from its ``pretrained_cfg`` (mean, std,
 input size, crop_pct, interpolation). Stages follow timm's ``feature_info``: a stage ends at each
-feature module (``layer1``, ``blocks.3``, ``stages.2``, ...), the stem is stage 0, and the last stage
-also holds the head side up to the pre-logits features. How the stages run (a chain of modules, or
-the model's own forward with a hook for the frozen prefix) is decided by
+feature module (``layer1``, ``blocks.3``, ``stages.2``, ...), the stem is stage 0, and the last
+stage also holds the head side up to the pre-logits features. How the stages run (a chain of
+modules, or the model's own forward with a hook for the frozen prefix) is decided by
 :mod:`effbench.backbones.generic`.
 
 ``classifier_layers``: ``keep`` = timm's pre-logits features (``forward_head(pre_logits=True)``,
@@ -75,7 +75,8 @@ def _create(name: str, pretrained: bool) -> nn.Module:
     except Exception as err:
         # Offline, no cache, corrupt download or a name without pretrained weights: the fixes are
         # the same for the user.
-        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err) else ''}"
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        reason = f"{type(err).__name__}: {first}"
         raise EffbenchError(
             f"Could not fetch timm's pretrained weights for {name} ({reason}); download them once "
             f"with network access (Hugging Face cache, $HF_HOME), or set backbone.weights=null "

@@ -20,7 +20,8 @@ from effbench.backbones.torchvision_models import ARCHS, preprocessing_for
 from effbench.errors import EffbenchError
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "backbone"
-NAMES = sorted(p.stem for p in CONF.glob("*.yaml"))
+GENERIC = ("timm", "torchvision")  # any model of that library by backbone.name (test_sources.py)
+NAMES = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem not in GENERIC)
 SIZE = 32  # every backbone here works at 32 px (all torchvision ones end in adaptive pooling)
 SMALL = ("small_cnn", "cifar_cnn14")
 
@@ -45,11 +46,26 @@ def _batch(size: int = SIZE) -> torch.Tensor:
 
 def test_yamls_match_registry() -> None:
     assert set(NAMES) == set(BACKBONES)
-    for name in NAMES:
+    for name in [*NAMES, *GENERIC]:
         cfg = OmegaConf.load(CONF / f"{name}.yaml")
         assert cfg._target_ == "effbench.backbones.build_backbone"
-        assert cfg.name == name
+        assert cfg.name == (None if name in GENERIC else name)
+        assert cfg.get("source") == (name if name in GENERIC else None)
         assert cfg.weights == (None if name in SMALL else "imagenet")
+        # every backbone offers the same switches (so overrides need no "+")
+        assert cfg.normalize is True
+        assert dict(cfg.head) == {"type": "linear", "hidden": [], "dropout": 0.0,
+                                  "activation": "relu"}
+        if name not in SMALL:
+            assert cfg.classifier_layers == "keep"
+    assert OmegaConf.load(CONF / "cifar_cnn14.yaml").batch_norm is True
+
+
+def test_study_backbones_have_named_configs() -> None:
+    """The transfer-learning study's nine Keras backbones, as torchvision shortcuts."""
+    study = {"resnet50", "resnet101", "resnet152", "vgg16", "vgg19", "efficientnet_b0",
+             "efficientnet_b3", "mobilenet_v3_large", "mobilenet_v2"}
+    assert study <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -76,9 +92,11 @@ def test_stages_hold_every_parameter_once(name: str, built: Callable[[str], Back
 
 def test_feature_dims_and_stage_counts(built: Callable[[str], Backbone]) -> None:
     expected = {
-        "resnet18": (512, 5), "resnet50": (2048, 5), "densenet121": (1024, 5),
+        "resnet18": (512, 5), "resnet50": (2048, 5), "resnet101": (2048, 5),
+        "resnet152": (2048, 5), "densenet121": (1024, 5),
         "mobilenet_v2": (1280, 6), "mobilenet_v3_large": (1280, 6),
-        "mobilenet_v3_small": (1024, 5), "efficientnet_b0": (1280, 6), "vgg16": (4096, 5),
+        "mobilenet_v3_small": (1024, 5), "efficientnet_b0": (1280, 6),
+        "efficientnet_b3": (1536, 6), "vgg16": (4096, 5), "vgg19": (4096, 5),
         "small_cnn": (512, 3), "cifar_cnn14": (128, 4),
     }
     assert {n: (built(n).feature_dim, len(built(n).stages)) for n in NAMES} == expected
@@ -95,8 +113,11 @@ def test_preprocessing_is_sane(name: str, built: Callable[[str], Backbone]) -> N
 @pytest.mark.parametrize("arch", ARCHS)
 def test_default_preprocessing_comes_from_torchvision(arch: str) -> None:
     pre = preprocessing_for(arch)
-    assert pre.crop_size == 224 and pre.resize_size >= pre.crop_size
+    native = {"efficientnet_b3": 300}.get(arch, 224)
+    assert pre.crop_size == native and pre.resize_size >= pre.crop_size
     assert pre.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert pre.source.startswith("torchvision weights") and arch.split("_")[0] in pre.source.lower()
+    assert pre.interpolation in ("bilinear", "bicubic")
 
 
 def test_small_cnns_default_to_32px_half_normalisation() -> None:
@@ -204,7 +225,11 @@ def test_null_strings_mean_random_init() -> None:
 def test_unknown_name_lists_valid_ones() -> None:
     with pytest.raises(EffbenchError, match="resnet34") as info:
         build_backbone("resnet34")
-    assert all(name in str(info.value) for name in BACKBONES)
+    message = str(info.value)
+    assert all(name in message for name in BACKBONES)
+    assert "closest: resnet18" in message or "closest: resnet50" in message
+    assert "backbone=torchvision backbone.name=resnet34" in message  # a torchvision model
+    assert len(message.splitlines()) == 1
 
 
 @pytest.mark.parametrize(("name", "k"), [("resnet18", 2), ("small_cnn", 1),
