@@ -4,7 +4,8 @@ Each entry of ``cfg.logger`` is a Lightning logger built by Hydra's ``instantiat
 ``_target_`` (lightning-hydra-template style): ``logger=tensorboard_csv`` (the run's own records,
 always), ``logger=mlflow`` and ``logger=wandb`` (those records + a tracker). A value ``???`` is
 filled at run time: ``save_dir`` with the run dir, ``history`` with the CSV rows of the run being
-resumed. Kept light: Lightning is imported only when loggers are built.
+resumed, ``run_name`` / ``name`` with the run dir's name. Kept light: Lightning is imported only
+when loggers are built.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def build_loggers(conf: Any, run_dir: Path, history: list[dict[str, str]] | None
 
     if conf is None:
         conf = default_logger_config()
-    runtime = {"save_dir": str(run_dir), "history": history or []}
+    runtime = {"save_dir": str(run_dir), "history": history or [],
+               "run_name": Path(run_dir).name, "name": Path(run_dir).name}
     out = []
     for name, entry in conf.items():
         if entry is None or "_target_" not in entry:
