@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -74,6 +74,7 @@ class Trace:
     output: torch.Tensor
     calls: dict[str, tuple[int, int]]
     size: int
+    failures: dict[int, str] = field(default_factory=dict)  # sizes tried first that failed
 
     def called_in_order(self, units: Sequence[Unit]) -> list[Unit]:
         called = [u for u in units if u[0] in self.calls]
@@ -103,6 +104,7 @@ def trace(model: nn.Module, units: Sequence[Unit], run: Callable[[torch.Tensor],
     modes = {m: m.training for m in model.modules()}
     model.eval()
     log: list[str] = []
+    failures: dict[int, str] = {}
     handles = [m.register_forward_pre_hook(_Recorder(name, log)) for name, m in units]
     try:
         for i, size in enumerate(sizes):
@@ -110,21 +112,39 @@ def trace(model: nn.Module, units: Sequence[Unit], run: Callable[[torch.Tensor],
             try:
                 with torch.no_grad():
                     out = run(probe_input(size))
-            except Exception:
+            except Exception as err:
                 if i == len(sizes) - 1:
                     raise
+                failures[size] = f"{type(err).__name__}: {str(err).strip()[:150]}"
                 continue
             calls: dict[str, tuple[int, int]] = {}
             for index, name in enumerate(log):
                 first = calls.get(name, (index, index))[0]
                 calls[name] = (first, index)
-            return Trace(out, calls, size)
+            return Trace(out, calls, size, failures)
         raise ValueError("no probe size given")
     finally:
         for h in handles:
             h.remove()
         for m, mode in modes.items():
             m.training = mode
+
+
+def probe_sizes(image_size: int | None, native: int) -> tuple[int, ...]:
+    """Probe at the run's input size first (small: 64 when the size is the model's own)."""
+    return (int(image_size), int(native)) if image_size else (64, int(native))
+
+
+def check_size(name: str, probe: Trace, image_size: int | None) -> None:
+    """A model that cannot run at ``dataset.image_size`` (fixed-size ViTs, Inception's minimum)
+    is refused now, in one sentence, rather than failing inside the first training step."""
+    if image_size and int(image_size) in probe.failures:
+        from effbench.errors import EffbenchError
+
+        raise EffbenchError(
+            f"{name} cannot run at dataset.image_size={image_size} "
+            f"({probe.failures[int(image_size)].splitlines()[0]}); it runs at {probe.size} px: "
+            f"use dataset.image_size={probe.size} or null (the model's own size).")
 
 
 def same_output(candidate: torch.Tensor, reference: torch.Tensor) -> bool:

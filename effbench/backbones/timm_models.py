@@ -123,7 +123,9 @@ def build_timm_backbone(name: str, image_size: int | None = None, pretrained: bo
     pre = preprocessing_of(model, image_size)
     units = generic.module_units(model)
     ends = _feature_ends(model, units)
-    features = generic.trace(model, units, model.forward_features, (64, pre_native(model)))
+    features = generic.trace(model, units, model.forward_features,
+                             generic.probe_sizes(image_size, pre_native(model)))
+    generic.check_size(name, features, image_size)
     pool = None
     if drop and features.output.ndim == 4:
         timm = _timm()

@@ -282,14 +282,17 @@ def _classifier_side(ordered: list[generic.Unit]) -> int:
     return len(ordered)
 
 
-def _generic(arch: str, model: nn.Module, drop: bool, pre: Preprocessing) -> Backbone:
+def _generic(arch: str, model: nn.Module, drop: bool, pre: Preprocessing,
+             image_size: int | None = None) -> Backbone:
     """Any torchvision classifier, cut from its children (see effbench.backbones.generic)."""
     head_name, _ = _final_layer(model)
     _set_submodule(model, head_name, nn.Identity())
     units = generic.module_units(model)
     native = models.get_model_weights(arch).DEFAULT.transforms().crop_size[0]
     runner = _ModelForward()
-    probe = generic.trace(model, units, lambda x: runner(model, x), (64, native))
+    probe = generic.trace(model, units, lambda x: runner(model, x),
+                          generic.probe_sizes(image_size, native))
+    generic.check_size(arch, probe, image_size)
     ordered = probe.called_in_order(units)
     x = generic.probe_input(probe.size)
     chain = None
@@ -358,7 +361,7 @@ def build_torchvision_backbone(arch: str, image_size: int | None = None,
     model = _build_model(arch, pretrained)
     pre = preprocessing_for(arch, image_size)
     if _splitter(model) is None:
-        backbone = _generic(arch, model, drop, pre)
+        backbone = _generic(arch, model, drop, pre, image_size)
     else:
         split = split_model(model, drop=drop)
         dim = split.feature_dim if split.feature_dim is not None else split.head.in_features

@@ -229,3 +229,15 @@ def test_generic_yaml_instantiates(source: str) -> None:
     cause = root_cause(info.value)
     assert isinstance(cause, EffbenchError)
     assert f"backbone={source} needs a model name" in str(cause)
+
+
+@pytest.mark.parametrize(("source", "name", "size", "native"), [
+    ("timm", "vit_tiny_patch16_224", 32, 224),        # a fixed-size ViT
+    ("torchvision", "inception_v3", 32, 299),         # too small for Inception's stem
+])
+def test_model_that_cannot_run_at_the_image_size(source: str, name: str, size: int,
+                                                 native: int) -> None:
+    with pytest.raises(EffbenchError, match=f"dataset.image_size={native} or null") as info:
+        build_backbone(name, source=source, image_size=size)
+    assert f"dataset.image_size={size}" in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
