@@ -102,6 +102,26 @@ def sqlite_url(path: str) -> str:
     return f"sqlite:///{file}"
 
 
+def mlflow_sqlite_store(path: str, experiment_name: str,
+                        artifact_location: str | None = None) -> str:
+    """``sqlite:///<absolute path>`` of a local MLflow store whose tables and experiment exist.
+
+    MLflow creates (and migrates) its tables, and Lightning's logger its experiment, on first
+    use; jobs of a sweep that start together would race at both and fail ("table … already
+    exists"). Here that first use happens once, under a file lock beside the database.
+    """
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    url = sqlite_url(path)
+    with FileLock(f"{url.removeprefix('sqlite:///')}.lock"):
+        client = MlflowClient(url)
+        found = client.get_experiment_by_name(experiment_name)
+        if found is None:
+            client.create_experiment(experiment_name, artifact_location=artifact_location)
+    return url
+
+
 def _is_run_record(logger: Any) -> bool:
     """TensorBoard and CSV loggers are the run dir's own records (resolved_config.yaml holds the
     config; TensorBoard gets the HParams at the end), not trackers."""

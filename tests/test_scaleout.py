@@ -172,7 +172,8 @@ def _sweep_dirs(cwd: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_submitit_local_sweep_writes_two_completed_runs(tmp_path: Path) -> None:
-    res = run_cli(["-m", "hydra/launcher=local", "seed=0,1", *TINY], cwd=tmp_path)
+    # logger=mlflow too: jobs starting together share one new SQLite store (no creation race)
+    res = run_cli(["-m", "hydra/launcher=local", "seed=0,1", "logger=mlflow", *TINY], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     [sweep] = _sweep_dirs(tmp_path)
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -182,6 +183,9 @@ def test_submitit_local_sweep_writes_two_completed_runs(tmp_path: Path) -> None:
     assert sorted(s["choices"]["seed"] for s in done) == [0, 1]
     # submitit's pickles and logs sit beside the sweep dir, not among its run dirs
     assert list(Path(f"{sweep}.submitit").rglob("*_log.out"))
+    client = _mlflow_client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("effbench").experiment_id])
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
 
 
 @pytest.mark.slow
