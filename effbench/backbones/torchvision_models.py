@@ -295,12 +295,12 @@ def _generic(arch: str, model: nn.Module, drop: bool, pre: Preprocessing,
     generic.check_size(arch, probe, image_size)
     ordered = probe.called_in_order(units)
     x = generic.probe_input(probe.size)
-    chain = None
+    chain, chained = None, ordered
     if probe.each_called_once():
         chain = generic.chain_tail(ordered, probe, model, _TAILS)
         if chain is None:  # flattened functionally after pooling (AlexNet): make it a module
-            ordered = _flatten_after_pool(ordered)
-            chain = generic.chain_tail(ordered, probe, model, _TAILS)
+            chained = _flatten_after_pool(ordered)
+            chain = generic.chain_tail(chained, probe, model, _TAILS)
     if chain is None:  # not a chain of its children: run the model's own forward
         # (classifier_layers=drop changes nothing here: none of these models has layers between
         # its global pooling and the final layer)
@@ -308,8 +308,8 @@ def _generic(arch: str, model: nn.Module, drop: bool, pre: Preprocessing,
         backbone: Backbone = generic.DrivenBackbone(arch, model, runner, groups,
                                                     probe.output.shape[1], pre)
     else:
-        body, tail = (ordered[:_classifier_side(ordered)], _gap_flatten()) if drop \
-            else (ordered, chain)
+        body, tail = (chained[:_classifier_side(chained)], _gap_flatten()) if drop \
+            else (chained, chain)
         out = generic.run_sequence([m for _, m in body + tail], x, model)
         groups = _torchvision_groups(body)
         stages = [generic.sequential_stage(g) for g in groups[:-1]]

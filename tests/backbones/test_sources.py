@@ -241,3 +241,27 @@ def test_model_that_cannot_run_at_the_image_size(source: str, name: str, size: i
         build_backbone(name, source=source, image_size=size)
     assert f"dataset.image_size={size}" in str(info.value)
     assert len(str(info.value).splitlines()) == 1
+
+
+def test_torchvision_model_with_its_own_forward_is_driven() -> None:
+    """Pretrained GoogLeNet transforms its input inside forward (transform_input=True): not a
+    chain of children, so the backbone runs the model's forward; features and freezing still hold."""
+    from effbench.backbones.torchvision_models import _generic, _without_aux, preprocessing_for
+
+    kwargs = {"weights": None, "transform_input": True, "aux_logits": False, "init_weights": True}
+    torch.manual_seed(0)
+    backbone = _generic("googlenet", _without_aux(torchvision.models.googlenet(**kwargs)),
+                        False, preprocessing_for("googlenet"))
+    assert isinstance(backbone, DrivenBackbone) and len(backbone.stages) >= 3
+    torch.manual_seed(0)
+    reference = torchvision.models.googlenet(**kwargs).eval()
+    reference.fc = nn.Identity()
+    x = _x("googlenet")
+    backbone.eval()
+    with torch.no_grad():
+        assert torch.allclose(backbone(x), reference(x), atol=1e-5)
+    backbone.stages[0].requires_grad_(False)
+    backbone.frozen_prefix = 1
+    backbone(x).sum().backward()
+    assert all(p.grad is None for p in backbone.stages[0].parameters())
+    assert all(p.grad is not None for p in backbone.stages[-1].parameters())
