@@ -245,7 +245,7 @@ def test_model_that_cannot_run_at_the_image_size(source: str, name: str, size: i
 
 def test_torchvision_model_with_its_own_forward_is_driven() -> None:
     """Pretrained GoogLeNet transforms its input inside forward (transform_input=True): not a
-    chain of children, so the backbone runs the model's forward; features and freezing still hold."""
+    chain of children, so the backbone runs the model's forward; features and freezing hold."""
     from effbench.backbones.torchvision_models import _generic, _without_aux, preprocessing_for
 
     kwargs = {"weights": None, "transform_input": True, "aux_logits": False, "init_weights": True}
