@@ -175,19 +175,19 @@ def test_tagged_timm_name() -> None:
     assert backbone.feature_dim == 512
 
 
-def test_timm_pretrained_fetch_failure_is_one_clear_error(monkeypatch: pytest.MonkeyPatch,
-                                                          tmp_path: Path) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+def test_timm_pretrained_fetch_failure_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm.models._builder as builder
 
     def offline(*args: object, **kwargs: object) -> None:
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    # every way timm's load_pretrained fetches weights (Hugging Face hub, URL, cached file)
+    for fetch in ("load_state_dict_from_hf", "load_state_dict_from_url", "download_cached_file"):
+        monkeypatch.setattr(builder, fetch, offline)
     with pytest.raises(EffbenchError, match="backbone.weights=null") as info:
         build_backbone("resnet18", source="timm", weights="imagenet")
-    assert "timm" in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert "timm" in str(info.value) and "network is unreachable" in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize(("source", "name", "expected"), [
