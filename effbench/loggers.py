@@ -162,10 +162,14 @@ def log_config(loggers: list, cfg: Any) -> None:
         tracker.log_hyperparams(params)
 
 
+SUMMARY_ARTIFACT = "effbench-summary.json"  # summary.json as the trackers' artifact
+
+
 def finish_loggers(loggers: list | None, summary_path: Path | str) -> None:
-    """After ``summary.json`` is written (rank 0): each tracker gets the summary as an artifact and
-    its final metrics (``final/…``), and its run is closed as finished or failed. Never raises:
-    a completed run stays completed when a tracker cannot be reached."""
+    """After ``summary.json`` is written (rank 0): each tracker gets the summary as an artifact
+    (``effbench-summary.json``) and its final metrics (``final/…``), and its run is closed as
+    finished or failed. Never raises: a completed run stays completed when a tracker cannot be
+    reached."""
     trackers = [lg for lg in loggers or [] if not _is_run_record(lg)]
     if not trackers:
         return
@@ -191,12 +195,15 @@ def finish_loggers(loggers: list | None, summary_path: Path | str) -> None:
 
 
 def _attach(tracker: Any, path: Path) -> None:
+    """The summary under ``SUMMARY_ARTIFACT``: a copy named ``summary.json`` inside outputs/ (the
+    MLflow artifact store, a run dir's wandb/ folder) would count as a second run for
+    ``effbench-compare``, which reads every ``summary.json`` below a path."""
     from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
 
     if isinstance(tracker, MLFlowLogger):
-        tracker.experiment.log_artifact(tracker.run_id, str(path))
-    elif isinstance(tracker, WandbLogger):
-        tracker.experiment.save(str(path), base_path=str(path.parent), policy="now")
+        tracker.experiment.log_text(tracker.run_id, path.read_text(), SUMMARY_ARTIFACT)
+    elif isinstance(tracker, WandbLogger):  # files in the run's folder are part of the run
+        (Path(tracker.experiment.dir) / SUMMARY_ARTIFACT).write_text(path.read_text())
 
 
 def _close(tracker: Any, ok: bool) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from effbench.loggers import SUMMARY_ARTIFACT
 from tests.conftest import compose_cfg, run_cli
 
 QUICK = ["trainer.enable_progress_bar=false", "tracking.energy=false"]
@@ -80,9 +81,9 @@ def test_mlflow_run_has_params_per_epoch_metrics_and_summary(tmp_path: Path) -> 
     # summary.json as an artifact: once run.py calls effbench.loggers.finish_loggers.
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     if artifacts:
-        assert "summary.json" in artifacts
-        local = client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))
-        assert json.loads(Path(local).read_text())["status"] == "completed"
+        assert artifacts == [SUMMARY_ARTIFACT]
+        local = client.download_artifacts(run.info.run_id, SUMMARY_ARTIFACT, str(tmp_path / "dl"))
+        assert json.loads(Path(local).read_text()) == summary
         assert client.get_run(run.info.run_id).info.status == "FINISHED"
         assert "final/test/acc" in client.get_run(run.info.run_id).data.metrics
 
@@ -107,7 +108,9 @@ def test_finish_loggers_attaches_the_summary_and_closes_the_run(tmp_path: Path,
     client = MlflowClient(uri)
     run = client.get_run(tracker.run_id)
     assert run.info.status == ("FINISHED" if status == "completed" else "FAILED")
-    assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["summary.json"]
+    assert [a.path for a in client.list_artifacts(tracker.run_id)] == [SUMMARY_ARTIFACT]
+    local = client.download_artifacts(tracker.run_id, SUMMARY_ARTIFACT, str(tmp_path / "dl"))
+    assert json.loads(Path(local).read_text())["status"] == status
     assert run.data.metrics["final/test/acc"] == pytest.approx(0.75)
     finish_loggers(None, summary)  # nothing built (a run that failed early): nothing to do
 
