@@ -61,18 +61,19 @@ def build_loggers(conf: Any, run_dir: Path, history: list[dict[str, str]] | None
             continue
         fill = {key: value for key, value in runtime.items()
                 if key in entry.keys() and OmegaConf.is_missing(entry, key)}
-        entry = _without(entry, fill)
-        factory = instantiate(entry, _partial_=True, _convert_="all")
         try:
+            factory = instantiate(_without(entry, fill), _partial_=True, _convert_="all")
             out.append(factory(**fill))
-        except (ModuleNotFoundError, ImportError) as err:
-            raise EffbenchError(_missing_package(str(name), err)) from err
+        except Exception as err:
+            if isinstance(root_cause(err), ImportError):  # an optional tracker not installed
+                raise EffbenchError(_missing_package(str(name), err)) from err
+            raise
     return out
 
 
 def _without(entry: DictConfig, keys: dict[str, Any]) -> DictConfig:
     """A copy of ``entry`` without ``keys`` that still resolves interpolations against the whole
-    config (``${strategy.name}`` in a run name)."""
+    config (``${seed}`` in a tag)."""
     out = copy.deepcopy(entry)
     out._set_parent(entry._get_parent())
     with open_dict(out):
@@ -90,7 +91,7 @@ def _missing_package(name: str, err: BaseException) -> str:
     package = str(package).split(".")[0]
     return (f"logger={name} needs the Python package {package}, which is not installed; install "
             f"it into effbench's environment (.venv/bin/pip install {package}) or choose another "
-            "logger (logger=tensorboard_csv or logger=mlflow).")
+            "logger=… option (tensorboard_csv is the default).")
 
 
 def sqlite_url(path: str) -> str:
