@@ -7,7 +7,6 @@ and config errors answer at once.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,17 +17,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from effbench.config import CONF_DIR
+from effbench.ranks import global_rank
 from effbench.report import print_report
 
 log = logging.getLogger("effbench")
-
-
-def _global_rank() -> int:
-    """Lightning's rank environment variables (read without importing Lightning)."""
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -39,7 +31,7 @@ def _app(cfg: DictConfig) -> Any:
     choices = dict(hc.runtime.choices)
     summary = run(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task),
                   original_cwd=hydra.utils.get_original_cwd())
-    if _global_rank() == 0:
+    if global_rank(cfg.trainer.get("devices")) == 0:
         print_report(summary)
     if summary["status"] != "completed" and hc.mode != RunMode.MULTIRUN:
         sys.exit(1)  # one sentence already printed; a sweep instead records it and goes on

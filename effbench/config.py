@@ -24,9 +24,17 @@ def user_cache_dir() -> str:
     return os.path.join(base, "effbench")
 
 
+def techniques(strategy: object) -> str:
+    """``freeze+prune`` for ``strategy=[freeze,prune]`` (run dir names, labels)."""
+    keys = list(strategy.keys()) if hasattr(strategy, "keys") else []
+    return "+".join(str(k) for k in keys) or "finetune"
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("user_cache_dir"):
         OmegaConf.register_new_resolver("user_cache_dir", user_cache_dir)
+    if not OmegaConf.has_resolver("techniques"):
+        OmegaConf.register_new_resolver("techniques", techniques)
     if not OmegaConf.has_resolver("process_id"):
         OmegaConf.register_new_resolver("process_id", lambda: _PROCESS_ID, use_cache=True)
 

@@ -25,7 +25,7 @@ from effbench.system import ClassifierSystem
 # Trainer arguments the pipeline owns: a user setting them would silently lose them (callbacks,
 # loggers) or move the records (default_root_dir); the accelerator belongs to the hardware plan.
 PIPELINE_TRAINER_KEYS = {"callbacks": "the strategy adds its callbacks",
-                         "logger": "loggers are TensorBoard + CSV in the run dir",
+                         "logger": "choose trackers with logger=tensorboard_csv | mlflow | wandb",
                          "default_root_dir": "outputs go to the run dir (hydra.run.dir)",
                          "plugins": "checkpoints are written atomically by effbench's own IO",
                          "accelerator": "the accelerator comes from hardware=… "
@@ -139,6 +139,8 @@ class RunContext:
     epochs: int | None = None
     record: RunRecord = field(default_factory=RunRecord)
     world_size: int = 1
+    recipe: Any = None  # effbench.recipe.Recipe: optimizer, scheduler, early stopping, checkpoint
+    techniques: list = field(default_factory=list)  # the stack, in the order they act
     resume: dict[str, Any] | None = None  # {"path", "epoch", "run_dir"} of the checkpoint
     history_rows: list[dict[str, str]] = field(default_factory=list)  # CSV rows before a resume
     _loggers: list | None = None

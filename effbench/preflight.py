@@ -28,7 +28,8 @@ def _missing_option(err: Exception, overrides: list[str]) -> str:
     group, name = match.groups()
     close = difflib.get_close_matches(name, options, n=3, cutoff=0.4)
     hint = f" (closest: {', '.join(close)})" if close else ""
-    return (f"{group}={name} is not a {group} option{hint}; use one of: {', '.join(options)}.")
+    return (f"{group}={name} is not one of the {group} options{hint}; use one of: "
+            f"{', '.join(options)}.")
 
 
 def _composition(err: Exception) -> str:

@@ -41,7 +41,7 @@ def print_report(s: dict[str, Any], stream: Any = None) -> None:
         f"({s['model']['params_trainable']:,} trainable)",
     ]
     if s.get("headline"):
-        lines.append(f"  {c['strategy']}: {s['headline']}")
+        lines.append(f"  {s['headline']}")
     obj = s.get("objective") or {}
     if obj.get("metric"):
         lines.append(f"  objective {obj['metric']} = {_fmt(obj.get('value'))}")

@@ -15,17 +15,21 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_only
-from torch import nn
 
+from effbench import pipeline
 from effbench.compare.hparams import log_hparams
+from effbench.config import techniques as techniques_label
 from effbench.context import RunContext, RunRecord
 from effbench.data.base import ImageDataModule
 from effbench.errors import EffbenchError, user_message
 from effbench.hardware import apply_cpu_threads, device_name, trainer_kwargs
+from effbench.loggers import finish_loggers, quiet_third_party
 from effbench.losses import build_loss
+from effbench.pipeline import build_techniques, check_compatible, requirement
+from effbench.ranks import global_rank
+from effbench.recipe import Recipe
 from effbench.rundir import RunDirLock, check_resume, check_resume_matches, write_text_atomic
-from effbench.strategies.base import Strategy
+from effbench.strategies.base import Technique
 from effbench.summary import (
     SCHEMA_VERSION,
     environment,
@@ -44,27 +48,41 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 
-def build_context(cfg: DictConfig, run_dir: Path, strategy: Strategy,
+def build_context(cfg: DictConfig, run_dir: Path, techniques: list[Technique], recipe: Recipe,
                   overrides: list[str]) -> RunContext:
-    """Data, backbone, head, loss and the Lightning system, ready for the strategy."""
-    targs = trainer_kwargs(cfg.hardware, cfg.trainer, strategy.requires_precision,
+    """Data, backbone, head, loss and the Lightning system, ready for the techniques."""
+    needed = requirement(techniques, "requires_precision")
+    who = next((f"strategy={t.name}" for t in techniques if t.requires_precision), "")
+    targs = trainer_kwargs(cfg.hardware, cfg.trainer, needed,
                            explicit_precision=_set_by_user("trainer.precision", overrides),
-                           who=f"strategy={strategy.name}")
+                           who=who)
     apply_cpu_threads(cfg.hardware, targs)
     backbone = instantiate(cfg.backbone, image_size=cfg.dataset.image_size)
     dm: ImageDataModule = instantiate(cfg.dataset, _convert_="all")
     dm.shuffle_seed = int(cfg.seed)
     dm.configure(backbone.preprocessing.with_size(cfg.dataset.image_size))
     dm.setup()
-    head = nn.Linear(backbone.feature_dim, dm.num_classes)
+    head = backbone.build_head(dm.num_classes)  # backbone.head: linear | mlp (the study's)
     counts = dm.class_counts("train")
-    loss = build_loss(dm.task, counts, len(dm.labels["train"]), strategy.class_weights)
-    optim = {**strategy.optim_config(), "lr_scaling": cfg.hardware.lr_scaling}
+    loss = build_loss(dm.task, counts, len(dm.labels["train"]), recipe.class_weights)
+    optim = {"factory": recipe.optimizer, "lr": recipe.lr, "lr_scaling": cfg.hardware.lr_scaling}
     system = ClassifierSystem(backbone, head, loss, dm.task, dm.class_names, optim,
-                              strategy.scheduler, strategy.monitor)
+                              recipe.scheduler, recipe.monitor)
     if cfg.hardware.channels_last:
         system = system.to(memory_format=torch.channels_last)
-    return RunContext(cfg=cfg, run_dir=run_dir, datamodule=dm, system=system, trainer_args=targs)
+    return RunContext(cfg=cfg, run_dir=run_dir, datamodule=dm, system=system, trainer_args=targs,
+                      recipe=recipe)
+
+
+def build_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> RunContext:
+    """The techniques, the recipe and the context of a run, checked, nothing trained yet
+    (benchmarks and tests drive the hooks themselves)."""
+    techniques = build_techniques(cfg.strategy)
+    check_compatible(techniques)
+    recipe = Recipe.from_config(cfg.optim)
+    ctx = build_context(cfg, Path(run_dir), techniques, recipe, list(overrides or []))
+    ctx.techniques = techniques
+    return ctx
 
 
 def _set_by_user(key: str, overrides: list[str]) -> bool:
@@ -76,7 +94,9 @@ def new_summary(cfg: DictConfig, run_dir: Path, choices: dict[str, str],
     return {
         "schema_version": SCHEMA_VERSION, "status": "failed", "error": None,
         "run_dir": str(run_dir),
-        "choices": {**{k: choices.get(k) for k in ("strategy", "backbone", "dataset", "hardware")},
+        "choices": {**{k: choices.get(k) for k in ("backbone", "dataset", "hardware", "optim")},
+                    "strategy": techniques_label(cfg.get("strategy")),
+                    "techniques": list(cfg.get("strategy") or []),
                     "seed": cfg.get("seed"), "experiment": choices.get("experiment")},
         "overrides": list(overrides), "metrics": {}, "per_class": {}, "best_val": {},
         "objective": {"metric": cfg.get("objective"), "value": None},
@@ -99,7 +119,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     summary = new_summary(cfg, run_dir, choices, overrides)
     start = time.perf_counter()
     load_at_start = os.getloadavg()
-    rank0 = rank_zero_only.rank == 0
+    quiet_third_party()
+    rank0 = global_rank(cfg.trainer.get("devices")) == 0
     lock = RunDirLock(run_dir, cfg.get("resume"))
     try:
         if rank0:
@@ -116,7 +137,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
 def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], overrides: list[str],
                start: float, load_at_start: tuple[float, ...],
                original_cwd: str | Path) -> dict[str, Any]:
-    rank0 = rank_zero_only.rank == 0
+    rank0 = global_rank(cfg.trainer.get("devices")) == 0
     times: dict[str, float] = {}
     tracker = EnergyTracker(bool(cfg.tracking.energy) and rank0, cfg.tracking.country, run_dir)
     accelerator, ctx = "cpu", None
@@ -127,24 +148,30 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         resume = check_resume(cfg.get("resume"))
         summary["resumed_from"] = resume["path"] if resume else None
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        strategy: Strategy = instantiate(cfg.strategy, _convert_="all")
-        check_strategy_trainer_keys(strategy, cfg)
-        ctx = build_context(cfg, run_dir, strategy, overrides)
+        techniques = build_techniques(cfg.strategy)
+        check_compatible(techniques)
+        for t in techniques:
+            check_strategy_trainer_keys(t, cfg)
+        recipe = Recipe.from_config(cfg.optim)
+        ctx = build_context(cfg, run_dir, techniques, recipe, overrides)
         ctx.resume = resume
+        ctx.techniques = techniques
         ctx.record = RunRecord(tracker.kwh_so_far)
         accelerator = ctx.trainer_args["accelerator"]
-        strategy.check(ctx)
-        strategy.configure_model(ctx)
+        for t in techniques:
+            t.check(ctx)
+        for t in techniques:
+            t.configure_model(ctx)
         check_resume_matches(resume, ctx.system)
         ctx.times["setup"] = time.perf_counter() - start
         times = ctx.times
         tracker.start()
-        strategy.fit(ctx)
-        summary["strategy"] = {**strategy.describe(), **ctx.extra, **strategy.finalize(ctx)}
+        pipeline.fit(ctx, techniques, recipe)
+        summary["strategy"], model_facts = pipeline.finalize(ctx, techniques)
         summary["energy"] = _whole_run_energy(tracker.stop(), ctx.record)
-        _fill_results(summary, ctx)
+        _fill_results(summary, ctx, model_facts)
         summary["objective"] = objective(cfg, summary)
-        summary["headline"] = strategy.headline(summary)
+        summary["headline"] = pipeline.headline(techniques, summary)
         if rank0:  # TensorBoard's HParams tab: config + final metrics
             log_hparams(ctx.loggers(), cfg, {**summary, "time_s": dict(ctx.times)})
         summary["status"] = "completed"
@@ -168,6 +195,8 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
     summary["hardware"] = _hardware(cfg, ctx, accelerator)
     if rank0:
         _write_records(cfg, run_dir, summary)
+        # Trackers (MLflow, W&B) get summary.json as an artifact and close their run.
+        finish_loggers(ctx.built_loggers if ctx is not None else None, run_dir / "summary.json")
     return summary
 
 
@@ -232,21 +261,22 @@ def _hardware(cfg: DictConfig, ctx: RunContext | None, accelerator: str) -> dict
             "specs": OmegaConf.to_container(hw.specs, resolve=True)}
 
 
-def _fill_results(summary: dict[str, Any], ctx: RunContext) -> None:
+def _fill_results(summary: dict[str, Any], ctx: RunContext, model_facts: dict[str, Any]) -> None:
     sys_ = ctx.system
     summary["metrics"] = {**sys_.test_results.get("scalars", {}),
                           **_val_max([*_numeric(ctx.history_rows), *sys_.val_history])}
     summary["per_class"] = dict(sys_.test_results.get("per_class", {}))
     summary["best_val"] = dict(sys_.best_val)
     summary["epochs"] = ctx.epochs
-    summary["data"] = ctx.datamodule.describe()
-    summary["model"] = {**model_stats(sys_), **summary["strategy"].pop("model", {})}
+    summary["data"] = {**ctx.datamodule.describe(),
+                       "preprocessing": ctx.datamodule.preprocessing.describe()}
+    summary["model"] = {**model_stats(sys_), **model_facts}
     if ctx.record.before["train_s"] and "train" in ctx.times:
         ctx.times["train"] += ctx.record.before["train_s"]  # the whole run, both parts
     if ctx.resume:
-        summary["strategy"]["resumed_at_epoch"] = ctx.resume["epoch"]
+        summary["resumed_at_epoch"] = ctx.resume["epoch"]
     train_time = ctx.times.get("train")
-    images = ctx.record.total_images() or ctx.extra.get("train_images")
+    images = ctx.record.total_images()
     summary["throughput_img_s"] = images / train_time if images and train_time else None
 
 

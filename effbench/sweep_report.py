@@ -22,7 +22,8 @@ FAILED_JOBS: list[str] = []
 def failed_jobs(sweep_dir: Path) -> list[str]:
     """``"<job dir>: <error>"`` for every job dir under the sweep whose run did not complete."""
     out = []
-    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+    # Dot-folders are launcher bookkeeping (submitit's .submitit/), not jobs.
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         path = job / "summary.json"
         try:
             summary = json.loads(path.read_text())

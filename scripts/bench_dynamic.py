@@ -55,13 +55,13 @@ def main() -> None:
               f"dataset.num_test={args.num_val}", "dataset.num_classes=10",
               f"dataset.noise={args.noise}", f"dataset.batch_size={args.batch_size}",
               f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false",
-              "tracking.energy=false", "strategy.scheduler=null", "strategy.early_stopping=null"]
-    dyn = ["strategy=dynamic", f"strategy.alpha={args.alpha}", f"strategy.beta={args.beta}"]
+              "tracking.energy=false", "optim.scheduler=null", "optim.early_stopping=null"]
+    dyn = ["strategy=dynamic", f"strategy.dynamic.alpha={args.alpha}", f"strategy.dynamic.beta={args.beta}"]
     runs = {"finetune (full set)": ["strategy=finetune"]}
     for v in args.variants:
-        runs[f"dynamic {v} (alpha={args.alpha})"] = [*dyn, f"strategy.variant={v}"]
+        runs[f"dynamic {v} (alpha={args.alpha})"] = [*dyn, f"strategy.dynamic.variant={v}"]
     if args.fixed:
-        runs[f"fixed subset (alpha={args.alpha})"] = [*dyn, "strategy.resample=false"]
+        runs[f"fixed subset (alpha={args.alpha})"] = [*dyn, "strategy.dynamic.resample=false"]
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; synthetic "
           f"{args.num_train} train / {args.num_val} val images, 32 px, cifar_cnn14, "
@@ -79,7 +79,7 @@ def main() -> None:
     print(f"{'run':32s} {'train s':>8s} {'ratio':>6s} {'images':>7s} {'val acc':>8s} "
           f"{'test acc':>8s} {'resamples':>9s}")
     for name, s in results.items():
-        st = s["strategy"]
+        st = s["strategy"]["dynamic"]
         images = st.get("images_trained", args.num_train * args.epochs)
         print(f"{name:32s} {s['time_s']['train']:8.1f} {s['time_s']['train'] / base:6.2f} "
               f"{images:7d} {s['best_val'].get('val/acc', float('nan')):8.4f} "

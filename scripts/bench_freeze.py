@@ -1,6 +1,6 @@
 """Time per training epoch vs frozen blocks (strategy ``freeze``), side by side in one run.
 
-Runs the real effbench pipeline (``effbench.run.run``) for ``strategy.frozen_stages=k`` for every k,
+Runs the real effbench pipeline (``effbench.run.run``) for ``strategy.freeze.frozen_stages=k`` for every k,
 in rounds with a rotating order so that load from other processes on a shared CPU spreads over all
 k, and reports the median epoch time per k (first epoch of every run dropped as warm-up) and its
 ratio to k=0. Default: resnet18 (random init) on digits at 32 px, on the CPU::
@@ -44,8 +44,8 @@ def parse_args() -> argparse.Namespace:
 def one_run(args: argparse.Namespace, k: str, run_dir: Path) -> dict[str, Any]:
     overrides = [f"dataset={args.dataset}", f"dataset.image_size={args.image_size}",
                  f"backbone={args.backbone}", "backbone.weights=null", "strategy=freeze",
-                 f"strategy.frozen_stages={k}", f"trainer.max_epochs={args.epochs}",
-                 "strategy.checkpoint=false", "strategy.early_stopping=null",
+                 f"strategy.freeze.frozen_stages={k}", f"trainer.max_epochs={args.epochs}",
+                 "optim.checkpoint=false", "optim.early_stopping=null",
                  "trainer.enable_progress_bar=false", "tracking.energy=false", "hardware=cpu",
                  *args.overrides]
     summary = run_overrides(overrides, run_dir)
@@ -62,7 +62,7 @@ def bench(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             order = ks[r % len(ks):] + ks[:r % len(ks)]  # rotate: no k always runs first
             for k in order:
                 summary = one_run(args, k, Path(tmp) / f"r{r}_k{k}")
-                results[k]["epochs"] += summary["strategy"]["epoch_times_s"][1:]
+                results[k]["epochs"] += summary["strategy"]["freeze"]["epoch_times_s"][1:]
                 results[k]["trainable"] = summary["model"]["params_trainable"]
                 print(f"  round {r} k={k}: epochs "
                       f"{[round(t, 3) for t in summary['strategy']['epoch_times_s']]}", flush=True)

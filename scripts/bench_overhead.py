@@ -34,31 +34,25 @@ def compose(overrides: list[str]):
 
 def effbench_fit(cfg, tmp: Path) -> tuple[float, int]:
     """Train time (s) and images processed through the real strategy path."""
-    from hydra.utils import instantiate
-
-    from effbench.run import build_context
+    from effbench.run import build_run
 
     torch.manual_seed(0)
-    strategy = instantiate(cfg.strategy, _convert_="all")
-    strategy.checkpoint = False  # the plain loop writes no checkpoints either
-    ctx = build_context(cfg, tmp, strategy)
-    trainer = ctx.make_trainer(strategy.callbacks(ctx), logger=False)
+    ctx = build_run(cfg, tmp)  # the plain loop writes no checkpoints either: no recipe callbacks
+    callbacks = [cb for t in ctx.techniques for cb in t.callbacks(ctx)]
+    trainer = ctx.make_trainer(callbacks, logger=False)
     start = time.perf_counter()
     trainer.fit(ctx.system, datamodule=ctx.datamodule)
-    return time.perf_counter() - start, ctx.counter.images
+    return time.perf_counter() - start, ctx.record.images
 
 
 def plain_fit(cfg, tmp: Path) -> tuple[float, int]:
     """The same training written as a bare PyTorch loop (the lower bound on overhead)."""
-    from hydra.utils import instantiate
-
-    from effbench.run import build_context
+    from effbench.run import build_run
 
     torch.manual_seed(0)
-    strategy = instantiate(cfg.strategy, _convert_="all")
-    ctx = build_context(cfg, tmp, strategy)
+    ctx = build_run(cfg, tmp)
     dm, model = ctx.datamodule, ctx.system
-    opt = torch.optim.Adam(model.parameters(), lr=strategy.lr, foreach=True)  # as effbench
+    opt = torch.optim.Adam(model.parameters(), lr=ctx.recipe.lr, foreach=True)  # as effbench
     images = 0
     start = time.perf_counter()
     for _ in range(int(cfg.trainer.max_epochs)):
@@ -91,7 +85,7 @@ def main() -> None:
                    f"dataset.image_size={args.image_size}", "backbone.weights=null",
                    f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false",
                    "hardware=cpu" if not torch.cuda.is_available() else "hardware=auto",
-                   "strategy.scheduler=null", "strategy.early_stopping=null"])
+                   "optim.scheduler=null", "optim.early_stopping=null"])
     OmegaConf.set_struct(cfg, False)
     import tempfile
 

@@ -55,7 +55,7 @@ def job(args: argparse.Namespace, strategy: str, epochs: int, lr: float, cache: 
         run_dir: Path) -> dict[str, Any]:
     overrides = [f"dataset={args.dataset}", f"dataset.image_size={args.image_size}",
                  f"backbone={args.backbone}", f"backbone.weights={args.weights}",
-                 f"strategy={strategy}", f"strategy.lr={lr:g}", f"trainer.max_epochs={epochs}",
+                 f"strategy={strategy}", f"optim.optimizer.lr={lr:g}", f"trainer.max_epochs={epochs}",
                  f"cache_dir={cache}", "trainer.enable_progress_bar=false",
                  f"tracking.energy={str(args.energy).lower()}", *args.overrides]
     summary = run_overrides(overrides, run_dir)
@@ -80,7 +80,7 @@ def part_a(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "ratio": total(pc) / total(ft), "time_reduction": 1 - total(pc) / total(ft),
             "finetune_acc": ft["metrics"]["test/acc"], "precomputed_acc": pc["metrics"]["test/acc"],
             "precomputed_time_s": pc["time_s"], "finetune_time_s": ft["time_s"],
-            "bn_passes": pc["strategy"]["bn_adaptation"]["passes"]}
+            "bn_passes": pc["strategy"]["precomputed"]["bn_adaptation"]["passes"]}
 
 
 def part_b(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -91,7 +91,7 @@ def part_b(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         ft.append(job(args, "finetune", args.sweep_epochs, lr, tmp / "cache_b", tmp / f"b_ft{i}"))
         pc.append(job(args, "precomputed", args.sweep_epochs, lr, tmp / "cache_b",
                       tmp / f"b_pc{i}"))
-    hits = [s for s in pc if s["strategy"]["cache_hit"]]
+    hits = [s for s in pc if s["strategy"]["precomputed"]["cache_hit"]]
     phases = ("setup", "bn_adapt", "extract", "train", "eval")
     fixed = {p: statistics.median(s["time_s"].get(p, 0.0) for s in hits) for p in phases}
     fixed["other"] = statistics.median(total(s) - sum(s["time_s"].get(p, 0.0) for p in phases)

@@ -42,7 +42,7 @@ def test_help_and_cfg(tmp_path: Path) -> None:
     for group in ["dataset:", "backbone:", "strategy:", "hardware:"]:
         assert group in res.stdout
     assert "small_cnn" in res.stdout and "finetune" in res.stdout
-    res = run_cli(["--cfg", "job", "strategy.lr=0.01"], cwd=tmp_path)
+    res = run_cli(["--cfg", "job", "optim.optimizer.lr=0.01"], cwd=tmp_path)
     assert res.returncode == 0 and "lr: 0.01" in res.stdout and "max_epochs" in res.stdout
 
 
@@ -65,7 +65,7 @@ def _bad_weights(tmp_path: Path) -> str:
 
 ERRORS = [
     (["strategy=nosuch"], "strategy"),
-    (["strategy.lr=0"], "strategy.lr=0"),
+    (["optim.optimizer.lr=0"], "optim.optimizer.lr=0"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
     (["dataset.image_size=4"], "dataset.image_size=4"),
     (["dataset=cifar10", "dataset.root=/nonexistent/cifar"], "cifar-10-batches-py"),
@@ -93,7 +93,7 @@ def test_failed_run_leaves_earlier_runs_untouched(tmp_path: Path) -> None:
     assert run_cli(TINY, cwd=tmp_path).returncode == 0
     [first] = list((tmp_path / "outputs").rglob("summary.json"))
     before = first.read_bytes()
-    assert run_cli([*TINY, "strategy.lr=-1"], cwd=tmp_path).returncode != 0
+    assert run_cli([*TINY, "optim.optimizer.lr=-1"], cwd=tmp_path).returncode != 0
     assert first.read_bytes() == before
     statuses = sorted(s["status"] for s in summaries(tmp_path))
     assert statuses == ["completed", "failed"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 import torch
 from hydra.utils import instantiate
 
@@ -10,13 +11,13 @@ from effbench.errors import EffbenchError
 from effbench.hardware import trainer_kwargs
 from tests.conftest import CONF, compose_cfg
 
-GROUPS = ["dataset", "backbone", "strategy", "hardware", "trainer", "experiment"]
+GROUPS = ["dataset", "backbone", "strategy", "optim", "hardware", "trainer", "experiment"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 GPU_PRESETS = {"rtx4060", "t4", "gtx1070", "p100x4_ddp"}
 
 
 def test_every_group_has_options() -> None:
-    for group in ["dataset", "backbone", "strategy", "hardware", "trainer"]:
+    for group in ["dataset", "backbone", "strategy", "optim", "hardware", "trainer"]:
         assert any(g == group for g, _ in OPTIONS), group
 
 
@@ -28,8 +29,14 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path) -> 
         dm = instantiate(cfg.dataset, _convert_="all")
         assert dm.name == cfg.dataset.name
     elif group == "strategy":
-        strategy = instantiate(cfg.strategy, _convert_="all")
-        assert strategy.name == cfg.strategy.name and strategy.lr > 0
+        from effbench.pipeline import build_techniques
+
+        [technique] = build_techniques(cfg.strategy)
+        assert technique.name == option == list(cfg.strategy)[0]
+    elif group == "optim":
+        from effbench.recipe import Recipe
+
+        assert Recipe.from_config(cfg.optim).lr > 0
     elif group == "backbone":
         # Building every architecture is covered by tests/backbones; here: the target resolves.
         from hydra.utils import get_method
@@ -53,9 +60,8 @@ def _check_hardware(cfg, option: str) -> None:
 def test_user_facing_keys_exist() -> None:
     cfg = compose_cfg()
     for key in ["dataset.root", "dataset.image_size", "dataset.batch_size", "backbone.weights",
-                "trainer.max_epochs", "strategy.lr", "seed", "data_dir", "cache_dir"]:
-        node, _, leaf = key.rpartition(".")
-        assert leaf in (cfg[node] if node else cfg), key
+                "trainer.max_epochs", "optim.optimizer.lr", "seed", "data_dir", "cache_dir"]:
+        assert OmegaConf.select(cfg, key, default="__absent__") != "__absent__", key
     assert cfg.hydra.runtime.choices["dataset"] == "digits"
     assert cfg.hydra.runtime.choices["backbone"] == "small_cnn"
     assert cfg.hydra.runtime.choices["strategy"] == "finetune"

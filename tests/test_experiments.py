@@ -23,7 +23,9 @@ SHRINK = ["hardware=cpu", "hardware.num_workers=0", "backbone.weights=null",
           "dataset.max_samples=48",
           *FAST]
 # The studies' absolute image counts exceed the generated data (later overrides win).
-SHRINK_STRATEGY = {"dynamic": ["strategy.alpha=0.5"]}
+SHRINK_STRATEGY = {"dynamic": ["strategy.dynamic.alpha=0.5"],
+                   # one epoch: a later unfreezing epoch could never take effect (refused)
+                   "freeze": ["strategy.freeze.unfreeze_at_epochs=[]"]}
 # Trainer arguments a strategy refuses because its own loop cannot honour them.
 NOT_HONOURED = {"precomputed": ("trainer.limit_train_batches", "trainer.limit_val_batches")}
 # Big models whose strategy does heavy per-step or final work (pruning masks, int8 conversion).
@@ -37,7 +39,7 @@ SMALL = {**WRITERS, "brain_mri": partial(write_brain_mri, per_class=6),
 def run_preset_job(tmp_path: Path, overrides: list[str]) -> dict:
     """One job in-process, the user's overrides then the shrinking ones (unlike ``run_job``, no
     ``dataset=synthetic`` that would beat a preset's dataset)."""
-    strategy = compose_cfg(overrides).strategy.name
+    strategy = "+".join(compose_cfg(overrides).strategy)
     shrink = [o for o in SHRINK if o.split("=")[0] not in NOT_HONOURED.get(strategy, ())]
     cfg = compose_cfg([*overrides, *shrink, *SHRINK_STRATEGY.get(strategy, [])])
     choices = dict(cfg.hydra.runtime.choices)

@@ -46,7 +46,7 @@ def _summary(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_kill_during_training_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
-    args = ["trainer.max_epochs=6", "strategy.early_stopping=null", *QUICK]
+    args = ["trainer.max_epochs=6", "optim.early_stopping=null", *QUICK]
     ref = run_cli(args, cwd=tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
     [ref_dir] = list((tmp_path / "ref" / "outputs").iterdir())

@@ -72,9 +72,9 @@ def test_same_seed_same_result(tmp_path: Path) -> None:
 
 
 def test_failed_run_is_recorded(tmp_path: Path) -> None:
-    summary = run_job(tmp_path, ["strategy.lr=-1"])
+    summary = run_job(tmp_path, ["optim.optimizer.lr=-1"])
     assert summary["status"] == "failed"
-    assert "strategy.lr=-1" in summary["error"]
+    assert "optim.optimizer.lr=-1" in summary["error"]
     assert load_summary(tmp_path / "run")["status"] == "failed"
 
 

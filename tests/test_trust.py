@@ -107,10 +107,10 @@ def test_trainer_key_refused_in_one_sentence(tmp_path: Path, arg: str, needle: s
 
 
 def test_option_a_strategy_does_not_have_is_refused(tmp_path: Path) -> None:
-    res = run_cli([*TINY, "strategy=prune", "+strategy.frozen_stages=2"], cwd=tmp_path)
+    res = run_cli([*TINY, "strategy=prune", "+strategy.prune.frozen_stages=2"], cwd=tmp_path)
     assert res.returncode != 0
     [line] = [ln for ln in res.stderr.splitlines() if ln.startswith("effbench: error")]
-    assert "strategy.frozen_stages is not an option" in line
+    assert "strategy.prune.frozen_stages is not an option" in line
     assert "Traceback" not in res.stderr
 
 
@@ -134,7 +134,7 @@ def test_completed_run_dir_is_never_overwritten(tmp_path: Path) -> None:
     [s] = summaries(tmp_path)
     run_dir = Path(s["run_dir"])
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    res = run_cli([*TINY, "strategy.lr=-1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    res = run_cli([*TINY, "optim.optimizer.lr=-1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert res.returncode != 0 and "already holds a completed run" in res.stderr
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()
              and p.name != "cli.log"}  # Hydra's own log only ever appends
@@ -144,13 +144,13 @@ def test_completed_run_dir_is_never_overwritten(tmp_path: Path) -> None:
 # -- 4. precomputed: same config + seed → same numbers, cached or not ------------------------------
 
 def test_precomputed_cold_and_warm_cache_give_identical_metrics(tmp_path: Path) -> None:
-    args = ["strategy=precomputed", *TINY, "trainer.max_epochs=3", "strategy.dropout=0.5"]
+    args = ["strategy=precomputed", *TINY, "trainer.max_epochs=3", "strategy.precomputed.dropout=0.5"]
     cache = {"EFFBENCH_CACHE_DIR": str(tmp_path / "cache")}
     cold = run_cli(args, cwd=tmp_path / "cold", env=cache)
     warm = run_cli(args, cwd=tmp_path / "warm", env=cache)
     assert cold.returncode == 0 and warm.returncode == 0, cold.stderr[-2000:]
     [c], [w] = summaries(tmp_path / "cold"), summaries(tmp_path / "warm")
-    assert not c["strategy"]["cache_hit"] and w["strategy"]["cache_hit"]
+    assert not c["strategy"]["precomputed"]["cache_hit"] and w["strategy"]["precomputed"]["cache_hit"]
     assert c["metrics"] == w["metrics"] and c["best_val"] == w["best_val"]
 
 
@@ -213,12 +213,12 @@ def test_env_energy_mode_and_headline_are_recorded(tmp_path: Path) -> None:
 # -- 11. a sweep with failed jobs -------------------------------------------------------------------
 
 def test_sweep_with_a_failed_job_exits_nonzero_after_all_jobs(tmp_path: Path) -> None:
-    res = run_cli(["-m", *TINY, "strategy.lr=-1,1e-3"], cwd=tmp_path)
+    res = run_cli(["-m", *TINY, "optim.optimizer.lr=-1,1e-3"], cwd=tmp_path)
     assert res.returncode != 0
     runs = summaries(tmp_path / "outputs")
     assert sorted(s["status"] for s in runs) == ["completed", "failed"]
     [line] = [ln for ln in res.stderr.splitlines() if ln.startswith("effbench: failed job")]
-    assert "strategy.lr=-1" in line
+    assert "optim.optimizer.lr=-1" in line
 
 
 def test_dynamic_preset_uses_the_study_protocol(tmp_path: Path) -> None:
@@ -228,11 +228,11 @@ def test_dynamic_preset_uses_the_study_protocol(tmp_path: Path) -> None:
 
     root = WRITERS["cifar10"](tmp_path / "data" / "cifar10")
     res = run_cli(["experiment=dynamic_cifar10", f"dataset.root={root}", "hardware=cpu",
-                   "backbone.weights=null", "trainer.max_epochs=2", "strategy.alpha=0.5",
+                   "backbone.weights=null", "trainer.max_epochs=2", "strategy.dynamic.alpha=0.5",
                    "dataset.batch_size=16", *QUICK], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     [s] = summaries(tmp_path / "outputs")
     sizes = s["data"]["sizes"]
     assert s["data"]["val_from"] == "test" and sizes["val"] == sizes["test"]
-    assert s["strategy"]["subset_size"] * 2 == sizes["train"]
+    assert s["strategy"]["dynamic"]["subset_size"] * 2 == sizes["train"]
     assert "val/acc_max" in s["metrics"]

@@ -4,7 +4,7 @@ Multiclass: with p = softmax(logits) and p₍₁₎ ≥ p₍₂₎ the two large
     ambiguity a = 1 − (p₍₁₎ − p₍₂₎)                        ∈ [0, 1]
 Multilabel: per label the "margin" between p = σ(logit) and 1 − p is |2p − 1|; per sample
     a = mean over labels of (1 − |2p − 1|) = mean of (1 − 2·|p − 0.5|)   ∈ [0, 1]
-Weight: w = 1 + α·a  (α = ``strategy.ambiguity_weight``; α = 0 switches it off: w ≡ 1).
+Weight: w = 1 + α·a  (α = ``strategy.precomputed.ambiguity_weight``; α = 0 switches it off: w ≡ 1).
 
 The weights are computed from the detached current logits (they steer, they get no gradient), and
 the loss is the weight-normalised mean  L = Σᵢ wᵢ·ℓᵢ / Σᵢ wᵢ  (``effbench.losses._reduce``), so

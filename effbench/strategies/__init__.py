@@ -1,5 +1,5 @@
-"""Strategies: one file per technique, each a subclass of :class:`Strategy`."""
+"""Techniques: one file per technique, each a subclass of :class:`Technique`; several stack."""
 
-from effbench.strategies.base import Strategy
+from effbench.strategies.base import Technique
 
-__all__ = ["Strategy"]
+__all__ = ["Technique"]

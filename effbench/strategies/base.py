@@ -1,25 +1,47 @@
-"""The strategy contract: hooks around one shared Lightning fit (DESIGN.md §5).
+"""The technique contract: a self-contained plug-in on one shared pipeline (DESIGN.md §5).
 
-A strategy is one class in ``effbench/strategies/<name>.py`` selected by
-``conf/strategy/<name>.yaml`` (``_target_``). The pipeline calls, in order:
-``configure_model(ctx)`` → ``fit(ctx)`` (default: ``Trainer.fit`` + ``Trainer.test`` on the
-best-val-loss checkpoint, with ``callbacks(ctx)``) → ``finalize(ctx)`` (extra summary entries).
+A technique is one class in ``effbench/strategies/<name>.py`` selected by
+``conf/strategy/<name>.yaml`` (its keys under ``<name>:``); ``strategy=[freeze,prune]`` stacks
+several. Like Composer's algorithms and Lightning's callbacks, each technique declares what it
+changes (``acts_on``) and what it needs (``needs``, ``requires_precision``), and acts through
+hooks the pipeline (effbench/pipeline.py) calls for every technique of the stack, in ``order``:
+
+``check(ctx)`` → ``configure_model(ctx)`` (model surgery) → the shared Lightning fit with every
+technique's ``callbacks(ctx)`` (or, for the one technique that ``replaces_loop``, its ``fit``) →
+``finalize(ctx)`` (its own facts, under ``summary.strategy.<name>``).
+
+The training recipe (optimizer, scheduler, early stopping, checkpoint) is not a technique's: it is
+the ``optim`` config group, read once by the pipeline.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback
 
 if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
     from effbench.context import RunContext
 
+# What a technique may change. Two techniques that both own a "sampling" or a "loop" conflict.
+ACTS_ON = ("model", "callbacks", "sampling", "loop", "checkpoint", "export")
+EXCLUSIVE = ("sampling", "loop")
 
-class Strategy:
-    """Shared options: optimiser (Adam/AdamW/SGD, ``lr``, weight decay), ReduceLROnPlateau,
-    early stopping, optional class weights for imbalanced multiclass data."""
 
+class Technique:
+    """Base: a technique that changes nothing (``finetune``: the plain recipe)."""
+
+    name = "technique"
+    order = 50                                   # place in a stack: earlier acts first
+    acts_on: frozenset[str] = frozenset()
+    # "backbone_grad": gradients flow through the backbone (training the backbone's weights).
+    needs: frozenset[str] = frozenset()
+    replaces_loop = False
+    # Model changes made through hooks (pruning masks) that a graph export cannot carry until
+    # ``settle`` makes them permanent: a later model-rebuilding technique (qat) waits for it.
+    reparametrizes = False
     # The precision this technique needs (None: any); the hardware plan uses it instead of the
     # preset's and refuses an explicit trainer.precision that differs.
     requires_precision: str | None = None
@@ -27,21 +49,16 @@ class Strategy:
     # with its own loop lists what it honours; any other trainer.* set is refused.
     trainer_keys: frozenset[str] | None = None
 
-    def __init__(self, name: str, lr: float = 1e-3, optimizer: str = "adam",
-                 weight_decay: float = 0.0, momentum: float = 0.9,
-                 scheduler: dict[str, Any] | None = None,
-                 early_stopping: dict[str, Any] | None = None, class_weights: bool = False,
-                 checkpoint: bool = True, monitor: str = "val/loss") -> None:
-        self.name, self.lr, self.optimizer = name, float(lr), optimizer
-        self.weight_decay, self.momentum = float(weight_decay), float(momentum)
-        self.scheduler, self.early_stopping = scheduler, early_stopping
-        self.class_weights, self.checkpoint, self.monitor = class_weights, checkpoint, monitor
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:
+            self.name = name
 
-    # -- hooks --------------------------------------------------------------------------------
-    def optim_config(self) -> dict[str, Any]:
-        return {"name": self.optimizer, "lr": self.lr, "weight_decay": self.weight_decay,
-                "momentum": self.momentum}
+    # -- composition ----------------------------------------------------------------------------
+    def incompatible(self, other: Technique) -> str | None:
+        """Why this technique cannot run with ``other`` (None: they stack)."""
+        return None
 
+    # -- hooks ----------------------------------------------------------------------------------
     def check(self, ctx: RunContext) -> None:
         """Refuse options that cannot take effect in this run (before anything trains)."""
 
@@ -49,36 +66,44 @@ class Strategy:
         """Change the model before training (freeze, insert fake-quant, …). Default: nothing."""
 
     def callbacks(self, ctx: RunContext) -> list[Callback]:
-        cbs: list[Callback] = []
-        if self.checkpoint:
-            cbs.append(ModelCheckpoint(dirpath=ctx.run_dir / "checkpoints", monitor=self.monitor,
-                                       mode="min", save_last=True, filename="best"))
-        if self.early_stopping and self.early_stopping.get("patience") is not None:
-            # strict=False: trainer.max_steps may end training mid-epoch, before any validation.
-            cbs.append(EarlyStopping(monitor=self.monitor, mode="min", strict=False,
-                                     patience=int(self.early_stopping["patience"])))
-        return cbs
+        """Lightning callbacks this technique acts through during the shared fit."""
+        return []
+
+    def best_checkpoint_ready(self, trainer: pl.Trainer) -> bool:
+        """False while the model is not yet what this technique delivers (e.g. pruning not at
+        its target): the best checkpoint is chosen among epochs where every technique is ready."""
+        return True
+
+    def settle(self, ctx: RunContext) -> None:
+        """Make this technique's model changes permanent (e.g. pruning masks → zeros). Called
+        before a later technique rebuilds the model (qat after prune) and before finalize;
+        must be idempotent."""
+
+    def kept_zeros(self) -> list[tuple[Any, Any]]:
+        """(parameter, boolean mask) pairs this technique fixed at zero (after ``settle``), for
+        later training phases to keep zero."""
+        return []
+
+    def post_fit(self, ctx: RunContext) -> None:
+        """After the shared fit and test: a second phase (qat fine-tunes a pruned model)."""
 
     def fit(self, ctx: RunContext) -> None:
-        """Lightning fit, then test the best-val-loss checkpoint."""
-        trainer = ctx.make_trainer(self.callbacks(ctx))
-        with ctx.phase("train"):
-            # weights_only: a checkpoint is data from outside; loading it must not run code.
-            trainer.fit(ctx.system, datamodule=ctx.datamodule, ckpt_path=ctx.resume_from,
-                        weights_only=True)
-        ctx.epochs = trainer.current_epoch
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        with ctx.phase("eval"):
-            trainer.test(ctx.system, datamodule=ctx.datamodule, ckpt_path=best or None,
-                         verbose=False, weights_only=True)
+        """Only for a technique that ``replaces_loop``."""
+        raise NotImplementedError(f"{self.name} does not replace the training loop")
 
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
-        """After testing: make changes permanent, measure, return extra summary entries."""
+        """After testing: make changes permanent, measure, return this technique's facts (a
+        ``"model"`` entry is merged into ``summary["model"]``)."""
         return {}
 
     def headline(self, summary: dict[str, Any]) -> str | None:
-        """One line for the end-of-run report: the outcome of the technique itself."""
+        """One line for the end-of-run report: the outcome of the technique itself.
+        ``summary["strategy"][self.name]`` holds this technique's facts."""
         return None
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def facts(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """This technique's own entry of a summary."""
+        return summary.get("strategy", {}).get(self.name, {})

@@ -15,20 +15,24 @@ from pytorch_lightning.callbacks import Callback
 
 from effbench.errors import EffbenchError
 from effbench.sampling import DynamicSampling, SubsetSchedule, resolve_alpha
-from effbench.strategies.base import Strategy
+from effbench.strategies.base import Technique
 
 if TYPE_CHECKING:
     from effbench.context import RunContext
 
 
-class Dynamic(Strategy):
+class Dynamic(Technique):
     """Selective-adaptive sampling of the training split (base scheme or adaptive variant)."""
 
-    def __init__(self, name: str, variant: str = "base", alpha: float | int = 0.5,
+    name = "dynamic"
+    order = 20
+    acts_on = frozenset({"sampling", "callbacks"})
+
+    def __init__(self, name: str = "dynamic", variant: str = "base", alpha: float | int = 0.5,
                  beta: float = 0.7, delta: float = 0.01, gamma: float = 0.97,
                  resample: bool = True, decay_all: bool = False, metric: str = "val/acc",
-                 **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
+                 ) -> None:
+        super().__init__(name)
         self.variant, self.alpha, self.beta = variant, alpha, float(beta)
         self.delta, self.gamma, self.resample = float(delta), float(gamma), bool(resample)
         self.decay_all, self.metric = bool(decay_all), metric
@@ -48,10 +52,10 @@ class Dynamic(Strategy):
         if self._sampling is None:
             raise EffbenchError("strategy=dynamic needs configure_model(ctx) before callbacks(); "
                                 "run it through effbench.run.")
-        return [*super().callbacks(ctx), self._sampling]
+        return [self._sampling]
 
     def headline(self, summary: dict[str, Any]) -> str | None:
-        s = summary["strategy"]
+        s = self.facts(summary)
         return (f"subset {s.get('subset_size')} of {s.get('train_size')} images   images trained "
                 f"{s.get('images_trained'):,}   resamples {s.get('resamples')}   seen "
                 f"{(s.get('seen_fraction') or 0):.0%} of the training set")

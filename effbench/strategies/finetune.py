@@ -6,8 +6,10 @@ on the validation loss, the best checkpoint is tested (the CheXNet study's recip
 
 from __future__ import annotations
 
-from effbench.strategies.base import Strategy
+from effbench.strategies.base import Technique
 
 
-class Finetune(Strategy):
-    """Full fine-tuning; the reference every other strategy is compared against."""
+class Finetune(Technique):
+    """Full fine-tuning; the reference every other technique is compared against."""
+
+    name = "finetune"

@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 
 from effbench.backbones.base import Backbone
 from effbench.errors import EffbenchError
-from effbench.strategies.base import Strategy
+from effbench.strategies.base import Technique
 
 if TYPE_CHECKING:
     from effbench.context import RunContext
@@ -69,7 +69,7 @@ def frozen_stage_count(backbone: Backbone, frozen_stages: int | str) -> int:
         return blocks + 1
     if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or not (
             0 <= frozen_stages <= blocks):
-        raise EffbenchError(f"invalid value strategy.frozen_stages={frozen_stages!r}: "
+        raise EffbenchError(f"invalid value strategy.freeze.frozen_stages={frozen_stages!r}: "
                             f"{backbone.name} has a stem and {blocks} blocks, so use an integer "
                             f"0..{blocks} (blocks frozen after the stem) or all.")
     return 0 if frozen_stages == 0 else frozen_stages + 1
@@ -80,7 +80,7 @@ def initial_frozen_layers(backbone: Backbone, frozen_stages: int | str,
     """Layers of the first stages, minus the last ``unfreeze_last_layers`` of the backbone."""
     layers = backbone_layers(backbone)
     if unfreeze_last_layers > len(layers):
-        raise EffbenchError(f"invalid value strategy.unfreeze_last_layers={unfreeze_last_layers}: "
+        raise EffbenchError(f"invalid value strategy.freeze.unfreeze_last_layers={unfreeze_last_layers}: "
                             f"{backbone.name} has {len(layers)} layers; use 0..{len(layers)}.")
     n = frozen_stage_count(backbone, frozen_stages)
     frozen = [m for stage in stage_layers(backbone)[:n] for m in stage]
@@ -136,6 +136,12 @@ class FreezeSchedule(BaseFinetuning):
         self.step_layers, self.lr_factor = unfreeze_step_layers, backbone_lr_factor
         self.steps_done = 0
         self.events: list[dict[str, Any]] = []
+        # The backbone this schedule freezes, held directly: a later technique may replace
+        # system.backbone by a graph that shares its parameters (qat's export).
+        self.backbone: Backbone | None = None
+
+    def _bb(self, pl_module: pl.LightningModule) -> Backbone:
+        return self.backbone if self.backbone is not None else pl_module.backbone
 
     # Initial freeze; also what configure_model applies, so the model is correct before any fit.
     def apply_initial(self, backbone: Backbone) -> None:
@@ -150,13 +156,13 @@ class FreezeSchedule(BaseFinetuning):
         if self.milestones and trainer.world_size > 1:
             # DDP fixes the set of gradient-synchronised parameters when it wraps the model, so
             # parameters unfrozen later would train differently on every rank.
-            raise EffbenchError(f"strategy.unfreeze_at_epochs={self.milestones} cannot run on "
+            raise EffbenchError(f"strategy.freeze.unfreeze_at_epochs={self.milestones} cannot run on "
                                 f"{trainer.world_size} processes; train on one device or set "
-                                f"strategy.unfreeze_at_epochs=[].")
+                                f"strategy.freeze.unfreeze_at_epochs=[].")
         super().setup(trainer, pl_module, stage)
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
-        self.apply_initial(pl_module.backbone)
+        self.apply_initial(self._bb(pl_module))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # on resume: re-creates the added param groups
@@ -166,18 +172,18 @@ class FreezeSchedule(BaseFinetuning):
         for p in pl_module.parameters():
             if id(p) in in_optimizer:
                 p.requires_grad_(True)
-        pl_module.backbone.frozen_prefix = fully_frozen_prefix(pl_module.backbone)
+        self._bb(pl_module).frozen_prefix = fully_frozen_prefix(self._bb(pl_module))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)  # calls finetune_function
         if self.frozen_bn_eval:
-            freeze_modes(pl_module.backbone)
+            freeze_modes(self._bb(pl_module))
 
     def finetune_function(self, pl_module: pl.LightningModule, epoch: int,
                           optimizer: Optimizer) -> None:
         due = sum(m <= epoch for m in self.milestones)
         while self.steps_done < due:  # catches up if a milestone fell before a resume point
-            self._unfreeze_step(pl_module.backbone, epoch, optimizer)
+            self._unfreeze_step(self._bb(pl_module), epoch, optimizer)
             self.steps_done += 1
 
     def _next_layers(self, backbone: Backbone) -> list[nn.Module]:
@@ -248,23 +254,27 @@ class EpochTimer(Callback):
 # -- the strategy ---------------------------------------------------------------------------------
 def _check(ok: bool, key: str, value: Any, fix: str) -> None:
     if not ok:
-        raise EffbenchError(f"invalid value strategy.{key}={value!r}: {fix}.")
+        raise EffbenchError(f"invalid value strategy.freeze.{key}={value!r}: {fix}.")
 
 
 def _is_int(v: Any, minimum: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
 
 
-class Freeze(Strategy):
+class Freeze(Technique):
     """Freeze the stem and the first ``frozen_stages`` blocks (``all``: linear probe), keep the
     last ``unfreeze_last_layers`` layers trainable, optionally unfreeze more at
     ``unfreeze_at_epochs``."""
 
-    def __init__(self, name: str, frozen_stages: int | str = ALL, unfreeze_last_layers: int = 0,
+    name = "freeze"
+    order = 10
+    acts_on = frozenset({"model", "callbacks"})
+
+    def __init__(self, name: str = "freeze", frozen_stages: int | str = ALL, unfreeze_last_layers: int = 0,
                  frozen_bn_eval: bool = True, unfreeze_at_epochs: Sequence[int] = (),
                  unfreeze_step_layers: int | None = None, backbone_lr_factor: float = 0.1,
-                 **common: Any) -> None:
-        super().__init__(name, **common)
+                 ) -> None:
+        super().__init__(name)
         _check(frozen_stages == ALL or _is_int(frozen_stages, 0), "frozen_stages", frozen_stages,
                "use a number of blocks such as 2, or all")
         _check(_is_int(unfreeze_last_layers, 0), "unfreeze_last_layers", unfreeze_last_layers,
@@ -290,19 +300,20 @@ class Freeze(Strategy):
         epochs = int(ctx.cfg.trainer.max_epochs)
         late = [e for e in self.unfreeze_at_epochs if e >= epochs]
         if late:
-            raise EffbenchError(f"strategy.unfreeze_at_epochs={self.unfreeze_at_epochs} can never "
+            raise EffbenchError(f"strategy.freeze.unfreeze_at_epochs={self.unfreeze_at_epochs} can never "
                                 f"take effect at epoch(s) {late}: trainer.max_epochs={epochs} "
                                 f"(epochs 0..{epochs - 1}); raise trainer.max_epochs or use "
                                 "earlier epochs.")
 
     def configure_model(self, ctx: RunContext) -> None:
         backbone = ctx.system.backbone
+        self._schedule.backbone = backbone
         self._schedule.apply_initial(backbone)  # raises on a k or N this backbone cannot have
         layers = backbone_layers(backbone)
         if self.unfreeze_at_epochs and all(not is_frozen(m) for m in layers):
-            raise EffbenchError(f"strategy.unfreeze_at_epochs={self.unfreeze_at_epochs} has "
+            raise EffbenchError(f"strategy.freeze.unfreeze_at_epochs={self.unfreeze_at_epochs} has "
                                 f"nothing to unfreeze: nothing is frozen; set "
-                                f"strategy.frozen_stages to a number of blocks or all.")
+                                f"strategy.freeze.frozen_stages to a number of blocks or all.")
         self._start = {
             "stages_total": len(backbone.stages),
             "stages_frozen": frozen_stage_count(backbone, self.frozen_stages),
@@ -313,17 +324,17 @@ class Freeze(Strategy):
         }
 
     def callbacks(self, ctx: RunContext) -> list[Callback]:
-        return [*super().callbacks(ctx), self._schedule, self._timer]
+        return [self._schedule, self._timer]
 
     def headline(self, summary: dict[str, Any]) -> str | None:
-        s, m = summary["strategy"], summary["model"]
+        s, m = self.facts(summary), summary["model"]
         return (f"trainable params {s.get('params_trainable_start'):,} at start, "
                 f"{m.get('params_trainable'):,} at the end of {m.get('params_total'):,}   "
                 f"frozen stages {s.get('stages_frozen')}/{s.get('stages_total')}   "
                 f"unfreeze events {len(s.get('unfreeze_events') or [])}")
 
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
-        backbone = ctx.system.backbone
+        backbone = self._schedule.backbone or ctx.system.backbone
         layers = backbone_layers(backbone)
         times = self._timer.times
         return {

@@ -30,7 +30,7 @@ from effbench.features.extract import extract_features, train_batches
 from effbench.features.head_training import HeadTraining, cpu_threads, evaluate_head, train_head
 from effbench.features.heads import build_head
 from effbench.hardware import torch_device
-from effbench.strategies.base import Strategy
+from effbench.strategies.base import Technique
 from effbench.summary import state_dict_bytes
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 EVAL_ON = ("model", "features")
 
 
-class Precomputed(Strategy):
+class Precomputed(Technique):
     """Frozen, BN-adapted backbone; features cached once per sweep; only the head trains."""
 
     # Features and head are fp32, whatever the preset's mixed precision.
@@ -52,13 +52,18 @@ class Precomputed(Strategy):
                               "deterministic", "log_every_n_steps", "num_sanity_val_steps",
                               "limit_test_batches", "num_nodes"})
 
+    name = "precomputed"
+    order = 0
+    acts_on = frozenset({"model", "loop"})
+    replaces_loop = True
+
     def __init__(self, name: str = "precomputed", head: str = "mlp", hidden: int = 512,
                  dropout: float = 0.3, ambiguity_weight: float = 1.0, bn_adapt: bool = True,
                  bn_threshold: float = 0.01, bn_max_passes: int = 10,
                  bn_momentum: float | None = None, head_batch_size: int | None = None,
                  eval_on: str = "model", head_threads: int | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
+                 ) -> None:
+        super().__init__(name)
         # CPU threads for head training (null: torch's default). 1 helps on an oversubscribed
         # machine, where a descheduled OpenMP worker stalls every small op.
         self.head_threads = head_threads
@@ -87,7 +92,7 @@ class Precomputed(Strategy):
             self._test(ctx, feats, device)
 
     def headline(self, summary: dict[str, Any]) -> str | None:
-        s = summary["strategy"]
+        s = self.facts(summary)
         bn = s.get("bn_adaptation") or {}
         return (f"cache {'hit' if s.get('cache_hit') else 'miss (features computed)'}   "
                 f"BN passes {bn.get('passes', 'n/a')}   head trained on {s.get('train_images')} "
@@ -101,23 +106,23 @@ class Precomputed(Strategy):
     # -- phases -------------------------------------------------------------------------------
     def _check(self) -> None:
         if self.eval_on not in EVAL_ON:
-            raise EffbenchError(f"invalid value strategy.eval_on={self.eval_on!r}: use one of "
+            raise EffbenchError(f"invalid value strategy.precomputed.eval_on={self.eval_on!r}: use one of "
                                 f"{', '.join(EVAL_ON)}.")
         if not (isinstance(self.bn_threshold, (int, float)) and self.bn_threshold >= 0):
-            raise EffbenchError(f"invalid value strategy.bn_threshold={self.bn_threshold!r}: use "
-                                "a relative change such as strategy.bn_threshold=0.01.")
+            raise EffbenchError(f"invalid value strategy.precomputed.bn_threshold={self.bn_threshold!r}: use "
+                                "a relative change such as strategy.precomputed.bn_threshold=0.01.")
         if not (isinstance(self.bn_max_passes, int) and self.bn_max_passes >= 1):
-            raise EffbenchError(f"invalid value strategy.bn_max_passes={self.bn_max_passes!r}: "
-                                "use 1 or more, or strategy.bn_adapt=false to skip adaptation.")
+            raise EffbenchError(f"invalid value strategy.precomputed.bn_max_passes={self.bn_max_passes!r}: "
+                                "use 1 or more, or strategy.precomputed.bn_adapt=false to skip adaptation.")
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
-            raise EffbenchError(f"invalid value strategy.bn_momentum={self.bn_momentum!r}: use "
+            raise EffbenchError(f"invalid value strategy.precomputed.bn_momentum={self.bn_momentum!r}: use "
                                 "a factor in (0, 1] or null for the cumulative average.")
         if not (isinstance(self.ambiguity_weight, (int, float)) and self.ambiguity_weight >= 0):
-            raise EffbenchError(f"invalid value strategy.ambiguity_weight="
+            raise EffbenchError(f"invalid value strategy.precomputed.ambiguity_weight="
                                 f"{self.ambiguity_weight!r}: use 0 (off) or a positive α.")
         if self.head_batch_size is not None and not (
                 isinstance(self.head_batch_size, int) and self.head_batch_size >= 2):
-            raise EffbenchError(f"invalid value strategy.head_batch_size={self.head_batch_size!r}"
+            raise EffbenchError(f"invalid value strategy.precomputed.head_batch_size={self.head_batch_size!r}"
                                 ": use 2 or more, or null for dataset.batch_size.")
 
     def _bn_settings(self, ctx: RunContext) -> dict[str, Any]:
@@ -140,7 +145,7 @@ class Precomputed(Strategy):
                 bn, bn_hit = self._adapt(ctx, cache, keys, device)
             with ctx.phase("extract"):
                 feats, hits = self._extract(ctx, cache, keys, device)
-        ctx.extra.update({
+        ctx.extra.setdefault(self.name, {}).update({
             "cache_hit": bn_hit and all(hits.values()),
             "bn_adaptation": bn,
             "cache": {"dir": str(cache.dir), "keys": {"bn": keys.bn, **keys.splits},
@@ -156,7 +161,7 @@ class Precomputed(Strategy):
         """Adapted BN statistics from the cache, or computed (and stored). Returns the record."""
         backbone = ctx.system.backbone
         if not self.bn_adapt:
-            return BNAdaptResult(skipped="strategy.bn_adapt=false").as_dict(), True
+            return BNAdaptResult(skipped="strategy.precomputed.bn_adapt=false").as_dict(), True
         stored = cache.load(keys.bn)
         if stored is not None and set(stored["state"]) == set(bn_state(backbone)):
             backbone.load_state_dict(stored["state"], strict=False)
@@ -195,8 +200,8 @@ class Precomputed(Strategy):
         cfg = HeadTraining(epochs=int(ctx.cfg.trainer.max_epochs),
                            batch_size=int(self.head_batch_size or dm.batch_size),
                            alpha=float(self.ambiguity_weight),
-                           patience=(self.early_stopping or {}).get("patience"),
-                           keep_best=bool(self.checkpoint), seed=int(ctx.cfg.seed))
+                           patience=(ctx.recipe.early_stopping or {}).get("patience"),
+                           keep_best=bool(ctx.recipe.checkpoint), seed=int(ctx.cfg.seed))
         loggers = ctx.loggers()
 
         def log(row: dict[str, float], step: int) -> None:
@@ -213,8 +218,9 @@ class Precomputed(Strategy):
             logger.save()
         sys_.best_val, sys_.val_history = dict(result.best), result.history
         ctx.epochs = result.epochs
-        ctx.extra["train_images"] = result.images
-        ctx.extra["stopped_early"] = result.stopped_early
+        ctx.record.images = result.images
+        ctx.extra.setdefault(self.name, {}).update({"train_images": result.images,
+                                                     "stopped_early": result.stopped_early})
 
     def _test(self, ctx: RunContext, feats: dict[str, tuple], device: torch.device) -> None:
         sys_ = ctx.system

@@ -28,7 +28,7 @@ from torch.nn.utils import prune
 
 from effbench.compression import zipped_state_dict_bytes
 from effbench.errors import EffbenchError
-from effbench.strategies.base import Strategy
+from effbench.strategies.base import Technique
 from effbench.summary import state_dict_bytes
 
 if TYPE_CHECKING:
@@ -77,15 +77,15 @@ class PolynomialSchedule:
 def _fraction(name: str, value: float) -> float:
     value = float(value)
     if not 0.0 <= value < 1.0:
-        raise EffbenchError(f"strategy.{name}={value} must be a fraction in [0, 1), "
-                            f"e.g. strategy.{name}=0.5.")
+        raise EffbenchError(f"strategy.prune.{name}={value} must be a fraction in [0, 1), "
+                            f"e.g. strategy.prune.{name}=0.5.")
     return value
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...] | dict) -> str:
     if value not in allowed:
-        raise EffbenchError(f"strategy.{name}={value!r} is not one of {', '.join(allowed)}; "
-                            f"set strategy.{name}={next(iter(allowed))} (or another of them).")
+        raise EffbenchError(f"strategy.prune.{name}={value!r} is not one of {', '.join(allowed)}; "
+                            f"set strategy.prune.{name}={next(iter(allowed))} (or another of them).")
     return value
 
 
@@ -145,8 +145,8 @@ class GradualPruning(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         batches = trainer.num_training_batches
         if not math.isfinite(batches) and self.unit == "epoch":
-            raise EffbenchError("strategy.unit=epoch needs a dataset of known length; set "
-                                "strategy.unit=step and give strategy.start/end in steps.")
+            raise EffbenchError("strategy.prune.unit=epoch needs a dataset of known length; set "
+                                "strategy.prune.unit=step and give strategy.prune.start/end in steps.")
         self.resolve(max(1, math.ceil(batches / trainer.accumulate_grad_batches)))
         log.info("pruning from step %d to %d every %d steps", self.begin_step, self.end_step,
                  self.every)
@@ -200,49 +200,38 @@ def prune_global_to(modules: list[nn.Module], sparsity: float) -> None:
                                   pruning_method=prune.L1Unstructured, amount=extra)
 
 
-class PrunedCheckpoint(ModelCheckpoint):
-    """Tracks the best checkpoint only once the schedule has reached its final sparsity, so that
-    the model tested (and reported) is the pruned one, not a less sparse early epoch."""
-
-    def __init__(self, pruner: GradualPruning, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.pruner = pruner
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.pruner.finished(trainer.global_step):
-            super().on_validation_end(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.pruner.finished(trainer.global_step):
-            super().on_train_epoch_end(trainer, pl_module)
-
-
-class Prune(Strategy):
+class Prune(Technique):
     """Gradual magnitude pruning (see the module docstring); composable with the shared fit."""
 
-    def __init__(self, name: str, final_sparsity: float = 0.5, initial_sparsity: float = 0.1,
+    name = "prune"
+    order = 30
+    acts_on = frozenset({"model", "callbacks", "checkpoint"})
+    needs = frozenset({"backbone_grad"})
+    reparametrizes = True
+
+    def __init__(self, name: str = "prune", final_sparsity: float = 0.5, initial_sparsity: float = 0.1,
                  power: float = 4.0, start: float = 0.5, end: float = 7.0, unit: str = "epoch",
                  frequency: float = 0.05, scope: str = "conv", mode: str = "layer",
                  adaptive_preset: str | None = "auto",
                  adaptive_targets: dict[int, float] | None = None,
                  adaptive_default: float | None = None, include_head: bool = False,
-                 **common: Any) -> None:
-        super().__init__(name, **common)
+                 ) -> None:
+        super().__init__(name)
         self.final_sparsity = _fraction("final_sparsity", final_sparsity)
         self.initial_sparsity = _fraction("initial_sparsity", initial_sparsity)
         self.power = float(power)
         self.start, self.end, self.frequency = float(start), float(end), float(frequency)
         if not 0 <= self.start <= self.end or self.frequency <= 0 or self.power <= 0:
-            raise EffbenchError(f"strategy.start={start}, strategy.end={end}, strategy.frequency="
-                                f"{frequency}, strategy.power={power} need 0 <= start <= end and "
+            raise EffbenchError(f"strategy.prune.start={start}, strategy.prune.end={end}, strategy.prune.frequency="
+                                f"{frequency}, strategy.prune.power={power} need 0 <= start <= end and "
                                 f"frequency, power > 0, e.g. start=0.5 end=7 frequency=0.05 "
                                 f"power=4.")
         self.unit = _choice("unit", unit, UNITS)
         self.scope = _choice("scope", scope, SCOPES)
         self.mode = _choice("mode", mode, MODES)
         if self.scope == "adaptive" and self.mode == "global":
-            raise EffbenchError("strategy.scope=adaptive sets per-layer targets, which needs "
-                                "strategy.mode=layer.")
+            raise EffbenchError("strategy.prune.scope=adaptive sets per-layer targets, which needs "
+                                "strategy.prune.mode=layer.")
         if adaptive_preset is not None:
             _choice("adaptive_preset", adaptive_preset, ("auto", *ADAPTIVE_PRESETS))
         self.adaptive_preset = adaptive_preset
@@ -267,9 +256,9 @@ class Prune(Strategy):
         if preset == "auto":
             preset = next((p for p in ADAPTIVE_PRESETS if p in backbone_name.lower()), None)
         if preset is None and not self.adaptive_targets:
-            raise EffbenchError(f"strategy.scope=adaptive has no per-channel targets for backbone "
-                                f"{backbone_name!r}; set strategy.adaptive_preset=resnet|densenet "
-                                f"or strategy.adaptive_targets='{{64: 0.25, 128: 0.4}}'.")
+            raise EffbenchError(f"strategy.prune.scope=adaptive has no per-channel targets for backbone "
+                                f"{backbone_name!r}; set strategy.prune.adaptive_preset=resnet|densenet "
+                                f"or strategy.prune.adaptive_targets='{{64: 0.25, 128: 0.4}}'.")
         return {**ADAPTIVE_PRESETS.get(preset or "", {}), **self.adaptive_targets}
 
     def targets(self, layers: dict[str, nn.Module], backbone_name: str) -> dict[str, float]:
@@ -285,17 +274,17 @@ class Prune(Strategy):
         epochs = int(ctx.cfg.trainer.max_epochs)
         if self.unit == "epoch" and self.end > epochs:
             # Not refused: short trial runs of the study's presets are useful; said, not silent.
-            log.warning("strategy.end=%g is past trainer.max_epochs=%d: the pruning schedule "
-                        "will not reach strategy.final_sparsity=%g (the summary says how far it "
+            log.warning("strategy.prune.end=%g is past trainer.max_epochs=%d: the pruning schedule "
+                        "will not reach strategy.prune.final_sparsity=%g (the summary says how far it "
                         "got)", self.end, epochs, self.final_sparsity)
 
     def configure_model(self, ctx: RunContext) -> None:
         layers = self.layers(ctx.system)
         targets = self.targets(layers, getattr(ctx.system.backbone, "name", ""))
         if not targets:
-            raise EffbenchError(f"strategy.scope={self.scope} finds no layer to prune in backbone "
-                                f"{ctx.cfg.backbone.name}; use strategy.scope=all or set "
-                                f"strategy.adaptive_targets / strategy.adaptive_default.")
+            raise EffbenchError(f"strategy.prune.scope={self.scope} finds no layer to prune in backbone "
+                                f"{ctx.cfg.backbone.name}; use strategy.prune.scope=all or set "
+                                f"strategy.prune.adaptive_targets / strategy.prune.adaptive_default.")
         # Identity masks from the start: every checkpoint has the same keys (weight_orig,
         # weight_mask), so resuming and testing the best checkpoint restore the masks as well.
         for name in targets:
@@ -306,33 +295,37 @@ class Prune(Strategy):
 
     def callbacks(self, ctx: RunContext) -> list[Callback]:
         assert self._pruner is not None, "configure_model runs before callbacks"
-        cbs: list[Callback] = [self._pruner]
-        if self.checkpoint:
-            ckpt_dir = ctx.run_dir / "checkpoints"
-            cbs.append(PrunedCheckpoint(self._pruner, dirpath=ckpt_dir, monitor=self.monitor,
-                                        mode="min", filename="best"))
-            # last.ckpt every epoch, pruned or not, for resuming a killed run.
-            cbs.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True))
-        if self.early_stopping and self.early_stopping.get("patience") is not None:
-            cbs.append(EarlyStopping(monitor=self.monitor, mode="min", strict=False,
-                                     patience=int(self.early_stopping["patience"])))
-        return cbs
+        return [self._pruner]
+
+    def best_checkpoint_ready(self, trainer: pl.Trainer) -> bool:
+        # The best checkpoint is chosen once the schedule reached its final sparsity, so the
+        # model tested (and reported) is the pruned one, not a less sparse early epoch.
+        return self._pruner is not None and self._pruner.finished(trainer.global_step)
 
     def headline(self, summary: dict[str, Any]) -> str | None:
-        s, m = summary["strategy"], summary["model"]
+        s, m = self.facts(summary), summary["model"]
         dense, zipped = m.get("size_bytes"), m.get("size_bytes_compressed")
         done = "" if s.get("schedule_completed") else " (schedule NOT completed)"
         return (f"sparsity {s.get('sparsity', 0):.1%} of pruned weights (target "
                 f"{self.final_sparsity:.0%}){done}   size {dense / 2**20:.2f} MB dense → "
                 f"{zipped / 2**20:.2f} MB compressed")
 
+    def settle(self, ctx: RunContext) -> None:
+        assert self._pruner is not None
+        with ctx.phase("compress"):
+            for module in self._pruner.layers.values():
+                if prune.is_pruned(module):
+                    prune.remove(module, "weight")  # weight = weight_orig * mask, for good
+        self._zeros = [(m.weight, m.weight.detach() == 0) for m in self._pruner.layers.values()]
+
+    def kept_zeros(self) -> list[tuple[Any, Any]]:
+        return list(getattr(self, "_zeros", []))
+
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         pruner = self._pruner
         assert pruner is not None
+        self.settle(ctx)
         with ctx.phase("compress"):
-            for module in pruner.layers.values():
-                if prune.is_pruned(module):
-                    prune.remove(module, "weight")  # weight = weight_orig * mask, for good
             per_layer = {n: layer_sparsity(m) for n, m in pruner.layers.items()}
             sizes = {n: m.weight.numel() for n, m in pruner.layers.items()}
             overall = sum(per_layer[n] * sizes[n] for n in sizes) / sum(sizes.values())

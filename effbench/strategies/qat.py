@@ -21,12 +21,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from effbench.compression import cpu_latency_ms, module_bytes
 from effbench.errors import EffbenchError
 from effbench.metrics import build_metrics, split_scalars
-from effbench.strategies.base import Strategy
+from effbench.strategies.base import Technique
 from effbench.summary import state_dict_bytes
 
 if TYPE_CHECKING:
@@ -128,35 +129,98 @@ def quantized_weight_bytes(float_model: nn.Module, scope: str) -> int:
     return sum(m.weight.numel() * 4 for m in float_model.modules() if isinstance(m, types))
 
 
-class Qat(Strategy):
+class Qat(Technique):
     """Quantization-aware training (see the module docstring)."""
 
     requires_precision = PRECISION  # fake quantization runs in fp32 (the hardware plan obeys)
 
-    def __init__(self, name: str, qat_scope: str = "conv", latency_batch: int = 16,
-                 latency_min_time: float = 1.0, int8_eval: bool = True, **common: Any) -> None:
-        super().__init__(name, **common)
+    name = "qat"
+    order = 40
+    acts_on = frozenset({"model", "export"})
+    needs = frozenset({"backbone_grad"})
+
+    def __init__(self, name: str = "qat", qat_scope: str = "conv", latency_batch: int = 16,
+                 latency_min_time: float = 1.0, int8_eval: bool = True,
+                 finetune_epochs: int | None = None) -> None:
+        super().__init__(name)
         if qat_scope not in QAT_SCOPES:
-            raise EffbenchError(f"strategy.qat_scope={qat_scope!r} is not one of "
-                                f"{', '.join(QAT_SCOPES)}; set strategy.qat_scope=conv or all.")
+            raise EffbenchError(f"strategy.qat.qat_scope={qat_scope!r} is not one of "
+                                f"{', '.join(QAT_SCOPES)}; set strategy.qat.qat_scope=conv or all.")
         if int(latency_batch) < 1:
-            raise EffbenchError(f"strategy.latency_batch={latency_batch} must be >= 1, e.g. 16.")
+            raise EffbenchError(f"strategy.qat.latency_batch={latency_batch} must be >= 1, e.g. 16.")
         self.qat_scope, self.latency_batch = qat_scope, int(latency_batch)
         self.latency_min_time, self.int8_eval = float(latency_min_time), bool(int8_eval)
+        if finetune_epochs is not None and int(finetune_epochs) < 1:
+            raise EffbenchError(f"strategy.qat.finetune_epochs={finetune_epochs} must be >= 1.")
+        self.finetune_epochs = None if finetune_epochs is None else int(finetune_epochs)
         self.precision = PRECISION
         self._float: nn.Module | None = None
+        self._deferred = False
+
+    def incompatible(self, other: Technique) -> str | None:
+        if other.name == "freeze" and getattr(other, "unfreeze_at_epochs", None):
+            return ("gradual unfreezing changes which weights train after qat has exported the "
+                    "model graph; freeze a fixed set (strategy.freeze.unfreeze_at_epochs=[])")
+        return None
+
+    def check(self, ctx: RunContext) -> None:
+        # Stacked after a technique whose model changes are hooks (prune's masks), QAT is a
+        # second phase: that technique trains first, its changes are made permanent, then QAT
+        # fine-tunes the result (finetune_epochs) and converts it to int8.
+        self._deferred = any(t.reparametrizes for t in ctx.techniques if t is not self)
+        if self.finetune_epochs is not None and not self._deferred:
+            raise EffbenchError("strategy.qat.finetune_epochs only takes effect after another "
+                                "technique's training phase (strategy=[prune,qat]); alone, QAT "
+                                "runs through trainer.max_epochs: remove it.")
+        frozen_bn = [t for t in ctx.techniques if t.name == "freeze"
+                     and getattr(t, "frozen_bn_eval", False)]
+        if frozen_bn and _frozen_batchnorm(ctx.system.backbone):
+            raise EffbenchError("strategy=[freeze,qat]: QAT folds BatchNorm into the "
+                                "fake-quantized convolutions of the exported graph, where frozen "
+                                "BatchNorm layers cannot stay in eval mode; set "
+                                "strategy.freeze.frozen_bn_eval=false (their running statistics "
+                                "then adapt) or run freeze alone.")
 
     def configure_model(self, ctx: RunContext) -> None:
         _import_torchao()
+        if not self._deferred:
+            self._prepare(ctx)
+
+    def _prepare(self, ctx: RunContext) -> None:
+        system, backbone = ctx.system, ctx.system.backbone
         x = _example(ctx, 2)
-        system = ctx.system
-        float_model = nn.Sequential(system.backbone, system.head)
+        float_model = nn.Sequential(backbone, system.head)
         self._float = copy.deepcopy(float_model).eval()  # the fp32 reference for size & latency
-        system.backbone = prepare_qat(float_model, x, self.qat_scope)
+        # A frozen prefix runs under no_grad, which export cannot partition for quantization;
+        # frozen parameters keep requires_grad=False in the graph (it shares them), so they
+        # still do not train.
+        prefix = getattr(backbone, "frozen_prefix", 0)
+        if prefix:
+            backbone.frozen_prefix = 0
+        try:
+            system.backbone = prepare_qat(float_model, x, self.qat_scope)
+        finally:
+            if prefix:
+                backbone.frozen_prefix = prefix
         system.head = nn.Identity()
 
+    def post_fit(self, ctx: RunContext) -> None:
+        """[prune,qat]: the pruned model (zeros kept) is fine-tuned with fake quantization."""
+        if not self._deferred:
+            return
+        for t in ctx.techniques:
+            t.settle(ctx)
+        zeros = [z for t in ctx.techniques for z in t.kept_zeros()]
+        self._prepare(ctx)
+        epochs = self.finetune_epochs or max(1, int(ctx.cfg.trainer.max_epochs) // 4)
+        self.finetune_epochs = epochs
+        from effbench.pipeline import fit_and_test
+
+        fit_and_test(ctx, [self], ctx.recipe, [KeepZeros(zeros)], subdir="qat",
+                     max_epochs=epochs)
+
     def headline(self, summary: dict[str, Any]) -> str | None:
-        s, m = summary["strategy"], summary["model"]
+        s, m = self.facts(summary), summary["model"]
         lat = s.get("latency_ms") or {}
         speed = lat.get("speedup") or 0
         verdict = f"{speed:.2f}× faster" if speed >= 1 else f"{1 / speed:.2f}× SLOWER" if speed \
@@ -212,6 +276,26 @@ class Qat(Strategy):
         scalars, per_class = split_scalars(metrics.compute(), "int8/test", dm.class_names)
         return {"int8_metrics": scalars, "int8_per_class": per_class,
                 "int8_agreement": agreement(torch.cat(fq_all), torch.cat(q_all), dm.task)}
+
+
+class KeepZeros(Callback):
+    """Weights an earlier technique fixed at zero (pruning) stay zero while QAT fine-tunes."""
+
+    def __init__(self, zeros: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.zeros = zeros
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        with torch.no_grad():
+            for weight, zero in self.zeros:
+                weight.masked_fill_(zero.to(weight.device), 0.0)
+
+
+def _frozen_batchnorm(backbone: nn.Module) -> bool:
+    """True when a BatchNorm layer of the backbone has frozen (non-trainable) parameters."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and any(not p.requires_grad for p in m.parameters(recurse=False))
+               for m in backbone.modules())
 
 
 def _example(ctx: RunContext, n: int) -> torch.Tensor:

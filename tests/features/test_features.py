@@ -104,7 +104,7 @@ def test_heads() -> None:
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout, nn.Linear]
     assert mlp(torch.randn(4, 16)).shape == (4, 3)
     assert isinstance(build_head("linear", 16, 3), nn.Linear)
-    with pytest.raises(EffbenchError, match="strategy.head='deep'"):
+    with pytest.raises(EffbenchError, match="strategy.precomputed.head='deep'"):
         build_head("deep", 16, 3)
-    with pytest.raises(EffbenchError, match="strategy.dropout=1.5"):
+    with pytest.raises(EffbenchError, match="strategy.precomputed.dropout=1.5"):
         build_head("mlp", 16, 3, dropout=1.5)

@@ -139,7 +139,7 @@ def test_state_dict_round_trip_continues_same_schedule() -> None:
 
 
 def test_state_from_another_setup_is_refused() -> None:
-    with pytest.raises(EffbenchError, match="strategy.alpha"):
+    with pytest.raises(EffbenchError, match="strategy.dynamic.alpha"):
         schedule(alpha=300).load_state_dict(schedule().state_dict())
 
 
@@ -151,16 +151,16 @@ def test_alpha_fraction_or_count(alpha: float, want: int) -> None:
 
 @pytest.mark.parametrize("alpha", [0, -3, 2.5, N + 1, True])
 def test_bad_alpha(alpha: float) -> None:
-    with pytest.raises(EffbenchError, match="strategy.alpha"):
+    with pytest.raises(EffbenchError, match="strategy.dynamic.alpha"):
         resolve_alpha(alpha, N)
 
 
 @pytest.mark.parametrize(("kw", "needle"), [
-    ({"variant": "fancy"}, "strategy.variant='fancy'"),
-    ({"beta": 1.5}, "strategy.beta=1.5"),
-    ({"gamma": 0.0}, "strategy.gamma=0.0"),
-    ({"delta": -0.1}, "strategy.delta=-0.1"),
-    ({"alpha": 800, "beta": 0.5}, "lower strategy.beta"),  # 400 new images, only 200 outside A
+    ({"variant": "fancy"}, "strategy.dynamic.variant='fancy'"),
+    ({"beta": 1.5}, "strategy.dynamic.beta=1.5"),
+    ({"gamma": 0.0}, "strategy.dynamic.gamma=0.0"),
+    ({"delta": -0.1}, "strategy.dynamic.delta=-0.1"),
+    ({"alpha": 800, "beta": 0.5}, "lower strategy.dynamic.beta"),  # 400 new images, only 200 outside A
 ])
 def test_bad_schedule_values(kw: dict, needle: str) -> None:
     with pytest.raises(EffbenchError, match=needle.replace(".", r"\.")):
@@ -196,7 +196,7 @@ def test_random_crop_pad_keeps_shape_and_takes_windows() -> None:
 
 
 # -- through the pipeline -----------------------------------------------------------------------
-DYN = ["strategy=dynamic", "strategy.alpha=0.5", "backbone=small_cnn"]
+DYN = ["strategy=dynamic", "strategy.dynamic.alpha=0.5", "backbone=small_cnn"]
 
 
 def csv_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -206,10 +206,10 @@ def csv_rows(run_dir: Path) -> list[dict[str, str]]:
 
 def test_end_to_end_trains_only_on_a_and_logs_decisions(tmp_path: Path) -> None:
     # δ = 1 makes every epoch after the first resample, whatever the accuracy.
-    summary = run_job(tmp_path, [*DYN, "trainer.max_epochs=3", "strategy.delta=1.0"])
+    summary = run_job(tmp_path, [*DYN, "trainer.max_epochs=3", "strategy.dynamic.delta=1.0"])
     assert summary["status"] == "completed", summary["error"]
     on_disk = load_summary(tmp_path / "run")
-    st = on_disk["strategy"]
+    st = on_disk["strategy"]["dynamic"]
     assert st["subset_size"] == 48 and st["train_size"] == 96
     assert st["images_trained"] == 3 * 48  # epoch time scales with |A|: no full-set passes
     assert [r["resampled"] for r in st["history"]] == [0, 1, 1]
@@ -226,7 +226,7 @@ def test_end_to_end_trains_only_on_a_and_logs_decisions(tmp_path: Path) -> None:
 
 
 def test_resume_through_lightning_continues_schedule(tmp_path: Path) -> None:
-    common = [*DYN, "strategy.variant=adaptive", "strategy.delta=1.0"]
+    common = [*DYN, "strategy.dynamic.variant=adaptive", "strategy.dynamic.delta=1.0"]
     whole = run_job(tmp_path / "whole", [*common, "trainer.max_epochs=4"])
     half = run_job(tmp_path / "half", [*common, "trainer.max_epochs=2"])
     ckpt = tmp_path / "half" / "run" / "checkpoints" / "last.ckpt"
@@ -236,17 +236,19 @@ def test_resume_through_lightning_continues_schedule(tmp_path: Path) -> None:
 
     def schedule_of(s: dict) -> list[tuple]:
         return [(r["epoch"], r["checksum"], r["type"], r["replaced"])
-                for r in s["strategy"]["history"]]
+                for r in s["strategy"]["dynamic"]["history"]]
 
     assert schedule_of(resumed) == schedule_of(whole)
     assert len(schedule_of(whole)) == 4 and any(r[2] for r in schedule_of(whole))
-    assert resumed["strategy"]["images_trained"] == 2 * 48  # only the two remaining epochs
+    # The whole run's records: both parts' images (2 epochs before the resume + 2 after).
+    assert resumed["strategy"]["dynamic"]["images_trained"] == whole["strategy"]["dynamic"][
+        "images_trained"] == 4 * 48
 
 
 def test_bad_variant_fails_with_one_sentence(tmp_path: Path) -> None:
-    summary = run_job(tmp_path, [*DYN, "strategy.variant=fancy"])
+    summary = run_job(tmp_path, [*DYN, "strategy.dynamic.variant=fancy"])
     assert summary["status"] == "failed"
-    assert "strategy.variant='fancy'" in summary["error"]
+    assert "strategy.dynamic.variant='fancy'" in summary["error"]
 
 
 @pytest.mark.slow
@@ -254,7 +256,7 @@ def test_ddp_two_ranks_share_a(tmp_path: Path) -> None:
     args = ["hardware=cpu", "trainer.devices=2", "trainer.strategy=ddp", "dataset=synthetic",
             "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",
             "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "tracking.energy=false",
-            *DYN, "strategy.delta=1.0"]
+            *DYN, "strategy.dynamic.delta=1.0"]
     res = run_cli(args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     [path] = (tmp_path / "outputs").rglob("summary.json")
@@ -263,5 +265,5 @@ def test_ddp_two_ranks_share_a(tmp_path: Path) -> None:
     assert summary["hardware"]["world_size"] == 2
     # The callback checks every epoch that both ranks hold the same A (else the run fails);
     # the two shards together cover A exactly once per epoch.
-    assert summary["strategy"]["images_trained"] == 2 * 32
-    assert [r["resampled"] for r in summary["strategy"]["history"]] == [0, 1]
+    assert summary["strategy"]["dynamic"]["images_trained"] == 2 * 32
+    assert [r["resampled"] for r in summary["strategy"]["dynamic"]["history"]] == [0, 1]

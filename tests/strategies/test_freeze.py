@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 from effbench.backbones import BACKBONES, build_backbone
 from effbench.backbones.base import Backbone
-from effbench.run import RunContext, build_context
+from effbench import pipeline
+from effbench.run import RunContext, build_run
 from effbench.strategies.freeze import (
     Freeze,
     FreezeSchedule,
@@ -106,8 +106,8 @@ def _context(tmp_path: Path, overrides: list[str]) -> tuple[Freeze, RunContext]:
     OmegaConf.set_struct(cfg, False)
     del cfg["hydra"]
     pl.seed_everything(0, verbose=False)
-    strategy = instantiate(cfg.strategy, _convert_="all")
-    return strategy, build_context(cfg, tmp_path / "run", strategy)
+    ctx = build_run(cfg, tmp_path / "run")
+    return ctx.techniques[0], ctx
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -116,11 +116,11 @@ def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("bn_eval", [True, False])
 def test_frozen_weights_and_bn_stats_stay_bit_identical(tmp_path: Path, bn_eval: bool) -> None:
-    strategy, ctx = _context(tmp_path, ["strategy.frozen_stages=2", "trainer.max_epochs=1",
-                                        f"strategy.frozen_bn_eval={str(bn_eval).lower()}"])
+    strategy, ctx = _context(tmp_path, ["strategy.freeze.frozen_stages=2", "trainer.max_epochs=1",
+                                        f"strategy.freeze.frozen_bn_eval={str(bn_eval).lower()}"])
     before = _snapshot(ctx.system.backbone)
     strategy.configure_model(ctx)
-    strategy.fit(ctx)
+    pipeline.fit(ctx, ctx.techniques, ctx.recipe)
     backbone = ctx.system.backbone
     after = _snapshot(backbone)
     frozen = {n for n, p in backbone.named_parameters() if not p.requires_grad}
@@ -140,13 +140,13 @@ def test_frozen_weights_and_bn_stats_stay_bit_identical(tmp_path: Path, bn_eval:
 
 
 def test_summary_reports_trainable_params_and_epoch_times(tmp_path: Path) -> None:
-    summary = run_job(tmp_path, [*R18, "strategy.frozen_stages=3", "strategy.checkpoint=false"])
+    summary = run_job(tmp_path, [*R18, "strategy.freeze.frozen_stages=3", "optim.checkpoint=false"])
     assert summary["status"] == "completed", summary["error"]
     on_disk = load_summary(tmp_path / "run")
     head = 512 * 4 + 4  # synthetic: 4 classes
     assert on_disk["model"]["params_trainable"] == LAYER4 + head
     assert on_disk["model"]["params_total"] == R18_TOTAL + head
-    s = on_disk["strategy"]
+    s = on_disk["strategy"]["freeze"]
     assert s["frozen_stages"] == 3 and s["stages_frozen"] == 4 and s["frozen_prefix_end"] == 4
     assert s["params_trainable_start"] == LAYER4 + head
     assert len(s["epoch_times_s"]) == on_disk["epochs"] == 2
@@ -154,13 +154,13 @@ def test_summary_reports_trainable_params_and_epoch_times(tmp_path: Path) -> Non
 
 
 def test_gradual_unfreezing_adds_lower_lr_group_and_resumes(tmp_path: Path) -> None:
-    over = ["strategy.frozen_stages=all", "strategy.unfreeze_at_epochs=[1]",
-            "strategy.backbone_lr_factor=0.25", "strategy.scheduler=null"]
+    over = ["strategy.freeze.frozen_stages=all", "strategy.freeze.unfreeze_at_epochs=[1]",
+            "strategy.freeze.backbone_lr_factor=0.25", "optim.scheduler=null"]
     strategy, ctx = _context(tmp_path, over)
     before = _snapshot(ctx.system.backbone)
     strategy.configure_model(ctx)
     assert _trainable(ctx.system.backbone) == 0
-    strategy.fit(ctx)
+    pipeline.fit(ctx, ctx.techniques, ctx.recipe)
     backbone = ctx.system.backbone
     assert _trainable(backbone) == LAYER4 and backbone.frozen_prefix == 4
     events = strategy.finalize(ctx)["unfreeze_events"]
@@ -189,11 +189,11 @@ def test_gradual_unfreezing_adds_lower_lr_group_and_resumes(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("override", "words"), [
-    ("strategy.frozen_stages=5", "strategy.frozen_stages=5"),
-    ("strategy.frozen_stages=some", "strategy.frozen_stages='some'"),
-    ("strategy.unfreeze_last_layers=999", "strategy.unfreeze_last_layers=999"),
-    ("strategy.unfreeze_at_epochs=[0]", "strategy.unfreeze_at_epochs=[0]"),
-    ("strategy.backbone_lr_factor=0", "strategy.backbone_lr_factor=0"),
+    ("strategy.freeze.frozen_stages=5", "strategy.freeze.frozen_stages=5"),
+    ("strategy.freeze.frozen_stages=some", "strategy.freeze.frozen_stages='some'"),
+    ("strategy.freeze.unfreeze_last_layers=999", "strategy.freeze.unfreeze_last_layers=999"),
+    ("strategy.freeze.unfreeze_at_epochs=[0]", "strategy.freeze.unfreeze_at_epochs=[0]"),
+    ("strategy.freeze.backbone_lr_factor=0", "strategy.freeze.backbone_lr_factor=0"),
 ])
 def test_bad_values_fail_with_one_sentence(tmp_path: Path, override: str, words: str) -> None:
     summary = run_job(tmp_path, [*R18, override])
@@ -202,8 +202,8 @@ def test_bad_values_fail_with_one_sentence(tmp_path: Path, override: str, words:
 
 
 def test_unfreezing_needs_something_frozen(tmp_path: Path) -> None:
-    summary = run_job(tmp_path, [*R18, "strategy.frozen_stages=0",
-                                 "strategy.unfreeze_at_epochs=[1]"])
+    summary = run_job(tmp_path, [*R18, "strategy.freeze.frozen_stages=0",
+                                 "strategy.freeze.unfreeze_at_epochs=[1]"])
     assert summary["status"] == "failed" and "nothing to unfreeze" in summary["error"]
 
 

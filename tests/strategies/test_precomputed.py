@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from effbench.backbones.base import Backbone
 from effbench.features.cache import FeatureCache
-from effbench.run import build_context
+from effbench import pipeline
+from effbench.run import build_run
 from tests.conftest import compose_cfg, run_cli
 from tests.test_run import TINY, load_summary, run_job
 
@@ -27,7 +27,7 @@ def test_end_to_end(tmp_path: Path, multilabel: bool) -> None:
     assert summary["status"] == "completed", summary["error"]
     s = load_summary(tmp_path / "run")
     assert set(s["time_s"]) >= {"setup", "bn_adapt", "extract", "train", "eval", "total"}
-    st = s["strategy"]
+    st = s["strategy"]["precomputed"]
     assert st["cache_hit"] is False and not any(st["cache"]["hits"].values())
     bn = st["bn_adaptation"]
     assert bn["passes"] >= 1 and bn["converged"] and not bn["from_cache"] and bn["time_s"] > 0
@@ -56,17 +56,17 @@ def test_second_job_hits_the_cache_and_never_runs_the_backbone(
     calls: list[int] = []
     forward = Backbone.forward
     monkeypatch.setattr(Backbone, "forward", lambda self, x: calls.append(1) or forward(self, x))
-    second = run_job(tmp_path / "b", [*PRE, "strategy.eval_on=features"])
-    third = run_job(tmp_path / "c", [*PRE, "strategy.eval_on=features", "strategy.lr=1e-4",
-                                     "strategy.hidden=64"])
+    second = run_job(tmp_path / "b", [*PRE, "strategy.precomputed.eval_on=features"])
+    third = run_job(tmp_path / "c", [*PRE, "strategy.precomputed.eval_on=features", "optim.optimizer.lr=1e-4",
+                                     "strategy.precomputed.hidden=64"])
     assert calls == []
-    assert first["strategy"]["cache_hit"] is False
+    assert first["strategy"]["precomputed"]["cache_hit"] is False
     for job in (second, third):
         assert job["status"] == "completed", job["error"]
-        assert job["strategy"]["cache_hit"] is True
-        assert all(job["strategy"]["cache"]["hits"].values())
-        assert job["strategy"]["cache"]["keys"] == first["strategy"]["cache"]["keys"]
-        assert job["strategy"]["bn_adaptation"]["from_cache"]
+        assert job["strategy"]["precomputed"]["cache_hit"] is True
+        assert all(job["strategy"]["precomputed"]["cache"]["hits"].values())
+        assert job["strategy"]["precomputed"]["cache"]["keys"] == first["strategy"]["precomputed"]["cache"]["keys"]
+        assert job["strategy"]["precomputed"]["bn_adaptation"]["from_cache"]
     # Same head recipe on cached features ≡ the final model's live forward on the test images.
     assert second["metrics"] == pytest.approx(first["metrics"], abs=1e-6)
 
@@ -75,13 +75,13 @@ def test_cached_features_equal_a_live_eval_forward(tmp_path: Path) -> None:
     cfg = compose_cfg([*TINY, *PRE])
     OmegaConf.set_struct(cfg, False)
     del cfg["hydra"]
-    strategy = instantiate(cfg.strategy, _convert_="all")
-    ctx = build_context(cfg, tmp_path, strategy)
+    ctx = build_run(cfg, tmp_path)
+    strategy = ctx.techniques[0]
     strategy.configure_model(ctx)
-    strategy.fit(ctx)
+    pipeline.fit(ctx, ctx.techniques, ctx.recipe)
     dm, backbone = ctx.datamodule, ctx.system.backbone.eval()
     for split in ("train", "test"):
-        cached = FeatureCache(cfg.cache_dir).load(ctx.extra["cache"]["keys"][split])
+        cached = FeatureCache(cfg.cache_dir).load(ctx.extra["precomputed"]["cache"]["keys"][split])
         images = dm.datasets[split].images
         with torch.no_grad():
             live = backbone(dm.normalize(images))
@@ -91,12 +91,12 @@ def test_cached_features_equal_a_live_eval_forward(tmp_path: Path) -> None:
 
 def test_truncated_cache_file_is_rebuilt(tmp_path: Path) -> None:
     first = run_job(tmp_path / "a", PRE)
-    path = Path(first["strategy"]["cache"]["paths"]["train"])
+    path = Path(first["strategy"]["precomputed"]["cache"]["paths"]["train"])
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
     second = run_job(tmp_path / "b", PRE)
     assert second["status"] == "completed", second["error"]
-    hits = second["strategy"]["cache"]["hits"]
+    hits = second["strategy"]["precomputed"]["cache"]["hits"]
     assert hits == {"bn": True, "train": False, "val": True, "test": True}
     assert FeatureCache(path.parents[1]).load(path.stem) is not None  # whole again
     assert second["metrics"] == pytest.approx(first["metrics"], abs=1e-6)
@@ -105,21 +105,21 @@ def test_truncated_cache_file_is_rebuilt(tmp_path: Path) -> None:
 def test_backbone_without_batchnorm_skips_adaptation(tmp_path: Path) -> None:
     summary = run_job(tmp_path, ["strategy=precomputed", "backbone=small_cnn"])
     assert summary["status"] == "completed", summary["error"]
-    bn = summary["strategy"]["bn_adaptation"]
+    bn = summary["strategy"]["precomputed"]["bn_adaptation"]
     assert bn["passes"] == 0 and "no BatchNorm" in bn["skipped"]
 
 
 def test_linear_head_and_no_ambiguity_weighting(tmp_path: Path) -> None:
-    summary = run_job(tmp_path, [*PRE, "strategy.head=linear", "strategy.ambiguity_weight=0"])
+    summary = run_job(tmp_path, [*PRE, "strategy.precomputed.head=linear", "strategy.precomputed.ambiguity_weight=0"])
     assert summary["status"] == "completed", summary["error"]
     assert summary["model"]["head_params"] == 512 * 4 + 4
 
 
 @pytest.mark.parametrize(("override", "named"), [
-    ("strategy.head=deep", "strategy.head='deep'"),
-    ("strategy.bn_momentum=2", "strategy.bn_momentum=2"),
-    ("strategy.bn_max_passes=0", "strategy.bn_max_passes=0"),
-    ("strategy.eval_on=images", "strategy.eval_on='images'"),
+    ("strategy.precomputed.head=deep", "strategy.precomputed.head='deep'"),
+    ("strategy.precomputed.bn_momentum=2", "strategy.precomputed.bn_momentum=2"),
+    ("strategy.precomputed.bn_max_passes=0", "strategy.precomputed.bn_max_passes=0"),
+    ("strategy.precomputed.eval_on=images", "strategy.precomputed.eval_on='images'"),
 ])
 def test_bad_values_are_one_clear_sentence(tmp_path: Path, override: str, named: str) -> None:
     summary = run_job(tmp_path, ["strategy=precomputed", override])
@@ -130,14 +130,14 @@ def test_bad_values_are_one_clear_sentence(tmp_path: Path, override: str, named:
 def test_cli_sweep_extracts_once(tmp_path: Path) -> None:
     """A real ``effbench -m`` sweep: the first job extracts, every later job loads the cache."""
     cache = tmp_path / "shared-cache"
-    args = ["-m", *PRE, "strategy.lr=1e-3,1e-4", "strategy.hidden=32,64", *TINY,
+    args = ["-m", *PRE, "optim.optimizer.lr=1e-3,1e-4", "strategy.precomputed.hidden=32,64", *TINY,
             "hydra.sweep.dir=sweep"]
     result = run_cli(args, cwd=tmp_path, env={"EFFBENCH_CACHE_DIR": str(cache)})
     assert result.returncode == 0, result.stderr[-2000:]
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob(
         "*/summary.json"))]
     assert len(summaries) == 4 and all(s["status"] == "completed" for s in summaries)
-    assert [s["strategy"]["cache_hit"] for s in summaries] == [False, True, True, True]
+    assert [s["strategy"]["precomputed"]["cache_hit"] for s in summaries] == [False, True, True, True]
     assert len(list((cache / "features").glob("*.pt"))) == 4  # BN state + 3 splits, once
 
 
@@ -146,12 +146,12 @@ def test_concurrent_jobs_share_one_extraction(tmp_path: Path) -> None:
     """Two jobs at once (joblib launcher, separate processes): one extracts, the other waits on
     the cache lock and loads; the cache ends up whole, without temp files."""
     cache = tmp_path / "shared-cache"
-    args = ["-m", *PRE, "strategy.lr=1e-3,1e-4", *TINY, "hydra/launcher=joblib",
+    args = ["-m", *PRE, "optim.optimizer.lr=1e-3,1e-4", *TINY, "hydra/launcher=joblib",
             "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sweep"]
     result = run_cli(args, cwd=tmp_path, env={"EFFBENCH_CACHE_DIR": str(cache)})
     assert result.returncode == 0, result.stderr[-2000:]
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")]
     assert all(s["status"] == "completed" for s in summaries) and len(summaries) == 2
-    assert sorted(s["strategy"]["cache_hit"] for s in summaries) == [False, True]
+    assert sorted(s["strategy"]["precomputed"]["cache_hit"] for s in summaries) == [False, True]
     assert len(list((cache / "features").glob("*.pt"))) == 4
     assert not list((cache / "features").glob("*.tmp"))

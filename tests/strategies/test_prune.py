@@ -149,11 +149,11 @@ def test_compressed_size_tracks_sparsity() -> None:
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"final_sparsity": 1.5}, "strategy.final_sparsity=1.5"),
-    ({"scope": "dense"}, "strategy.scope='dense'"),
-    ({"scope": "adaptive", "mode": "global"}, "strategy.mode=layer"),
+    ({"final_sparsity": 1.5}, "strategy.prune.final_sparsity=1.5"),
+    ({"scope": "dense"}, "strategy.prune.scope='dense'"),
+    ({"scope": "adaptive", "mode": "global"}, "strategy.prune.mode=layer"),
     ({"start": 3, "end": 1}, "start <= end"),
-    ({"unit": "batch"}, "strategy.unit='batch'"),
+    ({"unit": "batch"}, "strategy.prune.unit='batch'"),
 ])
 def test_bad_options_name_the_key(kwargs: dict, fragment: str) -> None:
     with pytest.raises(EffbenchError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
@@ -162,12 +162,12 @@ def test_bad_options_name_the_key(kwargs: dict, fragment: str) -> None:
 
 def test_end_to_end_multilabel(tmp_path: Path) -> None:
     """Through the run pipeline: schedule in steps, masks permanent, sizes and AUROC reported."""
-    summary = run_job(tmp_path, [*SMALL, "strategy.unit=step", "strategy.start=1",
-                                 "strategy.end=4", "strategy.frequency=1"])
+    summary = run_job(tmp_path, [*SMALL, "strategy.prune.unit=step", "strategy.prune.start=1",
+                                 "strategy.prune.end=4", "strategy.prune.frequency=1"])
     assert summary["status"] == "completed", summary["error"]
     s = load_summary(tmp_path / "run")
     assert 0.0 <= s["metrics"]["test/auroc_macro"] <= 1.0
-    st, model = s["strategy"], s["model"]
+    st, model = s["strategy"]["prune"], s["model"]
     assert st["schedule_completed"] and st["schedule_steps"] == {"begin": 1, "end": 4, "every": 1}
     hist = st["schedule_history"]
     assert [h["step"] for h in hist] == [1, 2, 3, 4]
@@ -185,13 +185,13 @@ def test_end_to_end_multilabel(tmp_path: Path) -> None:
 
 
 def test_adaptive_without_targets_fails_clearly(tmp_path: Path) -> None:
-    summary = run_job(tmp_path, [*SMALL, "strategy.scope=adaptive"])
+    summary = run_job(tmp_path, [*SMALL, "strategy.prune.scope=adaptive"])
     assert summary["status"] == "failed"
-    assert "strategy.adaptive_preset" in summary["error"]
+    assert "strategy.prune.adaptive_preset" in summary["error"]
 
 
 def test_cli_run(tmp_path: Path) -> None:
-    res = run_cli(["strategy=prune", *TINY_MULTILABEL, "trainer.max_epochs=2", "strategy.end=1.5",
+    res = run_cli(["strategy=prune", *TINY_MULTILABEL, "trainer.max_epochs=2", "strategy.prune.end=1.5",
                    f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     s = load_summary(tmp_path / "run")

@@ -16,16 +16,16 @@ from tests.conftest import TINY_MULTILABEL, run_cli
 from tests.test_run import load_summary, run_job
 
 SMALL = ["strategy=qat", "backbone=small_cnn", "dataset.multilabel=true", "dataset.num_test=40",
-         "strategy.latency_min_time=0.1"]
+         "strategy.qat.latency_min_time=0.1"]
 
 
 @pytest.mark.parametrize("scope", ["conv", "all"])
 def test_end_to_end_multilabel(tmp_path: Path, scope: str) -> None:
-    summary = run_job(tmp_path, [*SMALL, f"strategy.qat_scope={scope}",
+    summary = run_job(tmp_path, [*SMALL, f"strategy.qat.qat_scope={scope}",
                                  "hardware.precision=bf16-mixed"])
     assert summary["status"] == "completed", summary["error"]
     s = load_summary(tmp_path / "run")
-    st, model = s["strategy"], s["model"]
+    st, model = s["strategy"]["qat"], s["model"]
     assert 0.0 <= s["metrics"]["test/auroc_macro"] <= 1.0
     assert 0.0 <= st["int8_metrics"]["int8/test/auroc_macro"] <= 1.0
     assert set(st["int8_per_class"]["int8/test/auroc_per_class"]) == {f"class_{i}"
@@ -87,18 +87,18 @@ def test_conv_bn_is_fused_trained_and_folded() -> None:
 
 
 def test_bad_scope_names_the_key() -> None:
-    with pytest.raises(EffbenchError, match="strategy.qat_scope='everything'"):
+    with pytest.raises(EffbenchError, match="strategy.qat.qat_scope='everything'"):
         Qat("qat", qat_scope="everything")
 
 
 def test_cli_run(tmp_path: Path) -> None:
     res = run_cli(["strategy=qat", *TINY_MULTILABEL, "trainer.max_epochs=1",
-                   "strategy.latency_min_time=0.1", f"hydra.run.dir={tmp_path / 'run'}"],
+                   "strategy.qat.latency_min_time=0.1", f"hydra.run.dir={tmp_path / 'run'}"],
                   cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     s = load_summary(tmp_path / "run")
     assert s["status"] == "completed" and "test/auroc_macro" in s["metrics"]
-    assert "int8/test/auroc_macro" in s["strategy"]["int8_metrics"]
+    assert "int8/test/auroc_macro" in s["strategy"]["qat"]["int8_metrics"]
 
 
 def test_explicit_other_precision_is_refused(tmp_path: Path) -> None:
