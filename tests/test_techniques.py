@@ -1,0 +1,94 @@
+"""The technique contract, over every registered technique and every pair of them: the run
+completes (or a refused pair says why in one sentence), the summary validates against the schema,
+and each technique's own effect holds in the stack."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from effbench.run import run_overrides
+from effbench.summary import SCHEMA
+from tests.conftest import CONF
+
+TECHNIQUES = sorted(p.stem for p in (CONF / "strategy").glob("*.yaml"))
+TINY = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",
+        "dataset.batch_size=16", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+        "tracking.energy=false", "backbone=small_cnn"]
+# Options that make each technique's effect reachable in 2 tiny epochs.
+OPTIONS = {
+    "prune": ["strategy.prune.start=0", "strategy.prune.end=1", "strategy.prune.frequency=1",
+              "strategy.prune.final_sparsity=0.5"],
+    "dynamic": ["strategy.dynamic.alpha=0.5", "strategy.dynamic.resample=false"],
+    "qat": ["strategy.qat.latency_min_time=0.05", "strategy.qat.latency_batch=4"],
+    "freeze": ["strategy.freeze.frozen_stages=2"],
+}
+# Stacks refused before anything runs, and the reason they give.
+REFUSED = {frozenset({"precomputed", other}): "cannot run together"
+           for other in ("freeze", "dynamic", "prune", "qat")}
+
+
+def _finetune(s: dict) -> None:
+    assert s["model"]["params_trainable"] > 0
+
+
+def _freeze(s: dict) -> None:
+    f = s["strategy"]["freeze"]
+    # Frozen parameters never trained: the trainable count at the end is the one at the start,
+    # below the total.
+    assert f["stages_frozen"] >= 1
+    assert f["params_trainable_start"] < s["model"]["params_total"]
+    assert f["params_frozen_backbone"] > 0
+
+
+def _prune(s: dict) -> None:
+    p = s["strategy"]["prune"]
+    assert p["schedule_completed"] and p["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert s["model"]["size_bytes_compressed"] < s["model"]["size_bytes"]
+
+
+def _dynamic(s: dict) -> None:
+    d = s["strategy"]["dynamic"]
+    assert d["subset_size"] == 32 and d["images_trained"] == 2 * 32  # A, not the full 64
+
+
+def _qat(s: dict) -> None:
+    q = s["strategy"]["qat"]
+    assert q["quantized_weights_bytes"]["ratio"] == pytest.approx(4.0, rel=0.02)
+    assert s["model"]["size_bytes_int8"] < s["model"]["size_bytes_fp32"]
+    assert s["hardware"]["precision"] == "32-true"
+
+
+def _precomputed(s: dict) -> None:
+    p = s["strategy"]["precomputed"]
+    assert "cache_hit" in p and s["model"]["params_trainable"] == s["model"]["head_params"]
+
+
+EFFECTS: dict[str, Callable[[dict], None]] = {
+    "finetune": _finetune, "freeze": _freeze, "prune": _prune, "dynamic": _dynamic, "qat": _qat,
+    "precomputed": _precomputed}
+STACKS = [(t,) for t in TECHNIQUES] + list(itertools.combinations(TECHNIQUES, 2))
+
+
+def test_every_technique_has_a_contract() -> None:
+    assert set(TECHNIQUES) == set(EFFECTS)
+
+
+@pytest.mark.parametrize("stack", STACKS, ids=["+".join(s) for s in STACKS])
+def test_technique_stack(stack: tuple[str, ...], tmp_path: Path) -> None:
+    options = [o for t in stack for o in OPTIONS.get(t, [])]
+    summary = run_overrides([*TINY, f"strategy=[{','.join(stack)}]", *options], tmp_path / "run")
+    refused = REFUSED.get(frozenset(stack))
+    if refused:
+        assert summary["status"] == "failed" and refused in summary["error"]
+        assert all(t in summary["error"] for t in stack) and "\n" not in summary["error"]
+        return
+    assert summary["status"] == "completed", summary["error"]
+    jsonschema.validate(summary, SCHEMA)
+    assert set(summary["choices"]["techniques"]) == set(summary["strategy"]) == set(stack)
+    for technique in stack:
+        EFFECTS[technique](summary)
