@@ -3,7 +3,8 @@
 Hydra reports an unknown option, a bad override or an unusable run dir in several lines (the
 config search path, a stack trace for the run dir). Composing the same overrides here first — the
 compose API is what Hydra itself runs — lets effbench say it in one line and exit 1. Only plain
-single runs are checked: introspection flags (``--help``, ``--cfg``) and sweeps go straight to Hydra.
+single runs are checked: introspection flags (``--help``, ``--cfg``) and sweeps go straight to
+Hydra.
 """
 
 from __future__ import annotations

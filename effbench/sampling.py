@@ -70,12 +70,14 @@ RULES: dict[str, Callable[[SubsetSchedule, float, float, int], Decision]] = {
 def resolve_alpha(alpha: float | int, n_total: int) -> int:
     """α as given (a fraction ≤ 1 of the training split, or a whole count > 1) → a count."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise EffbenchError(f"invalid value strategy.dynamic.alpha={alpha!r}: use a fraction in (0, 1] "
+        raise EffbenchError(f"invalid value strategy.dynamic.alpha={alpha!r}: use a fraction in "
+                            "(0, 1] "
                             "such as 0.5, or a number of images such as 25000.")
     if alpha <= 1:
         return max(1, round(alpha * n_total))
     if alpha != int(alpha) or alpha > n_total:
-        raise EffbenchError(f"invalid value strategy.dynamic.alpha={alpha!r}: a count must be a whole "
+        raise EffbenchError(f"invalid value strategy.dynamic.alpha={alpha!r}: a count must be a "
+                            "whole "
                             f"number of images ≤ the training split's {n_total}, or use a "
                             "fraction ≤ 1.")
     return int(alpha)
@@ -100,7 +102,8 @@ class SubsetSchedule:
         self.active = self.resample and self.alpha < self.n_total
         if self.active and round(self.alpha * self.beta0) > self.n_total - self.alpha:
             raise EffbenchError(
-                f"strategy.dynamic.alpha={self.alpha} with strategy.dynamic.beta={self.beta0} would draw "
+                f"strategy.dynamic.alpha={self.alpha} with strategy.dynamic.beta={self.beta0} "
+                "would draw "
                 f"{round(self.alpha * self.beta0)} new images but only {self.n_total - self.alpha} "
                 "are outside A; lower strategy.dynamic.beta or strategy.dynamic.alpha.")
         self.generator = torch.Generator().manual_seed(int(seed))
@@ -174,7 +177,8 @@ class SubsetSchedule:
         mine = self.state_dict()["config"]
         if state["config"] != mine:
             raise EffbenchError(f"the checkpoint's dynamic schedule {state['config']} does not "
-                                f"match this run's {mine}; resume with the same strategy.dynamic.alpha, "
+                                f"match this run's {mine}; resume with the same "
+                                "strategy.dynamic.alpha, "
                                 "strategy.dynamic.beta, strategy.dynamic.variant and dataset.")
         self.subset, self.best_subset = state["subset"].clone(), state["best_subset"].clone()
         self.best_acc, self.prior_acc = state["best_acc"], state["prior_acc"]
@@ -198,13 +202,15 @@ def _check(variant: str, beta: float, delta: float, gamma: float) -> None:
         raise EffbenchError(f"invalid value strategy.dynamic.variant={variant!r}: use one of "
                             f"{', '.join(RULES)}.")
     if not 0 <= beta <= 1:
-        raise EffbenchError(f"invalid value strategy.dynamic.beta={beta!r}: use a fraction in [0, 1] "
+        raise EffbenchError(f"invalid value strategy.dynamic.beta={beta!r}: use a fraction in [0, "
+                            "1] "
                             "such as 0.7.")
     if delta < 0:
         raise EffbenchError(f"invalid value strategy.dynamic.delta={delta!r}: use 0 or a positive "
                             "accuracy change such as 0.01.")
     if not 0 < gamma <= 1:
-        raise EffbenchError(f"invalid value strategy.dynamic.gamma={gamma!r}: use a decay in (0, 1] "
+        raise EffbenchError(f"invalid value strategy.dynamic.gamma={gamma!r}: use a decay in (0, "
+                            "1] "
                             "such as 0.97.")
 
 
@@ -268,7 +274,8 @@ class DynamicSampling(Callback):
             return
         value = trainer.callback_metrics.get(self.metric)
         if value is None:
-            raise EffbenchError(f"strategy.dynamic.metric={self.metric!r} was not logged; use one of "
+            raise EffbenchError(f"strategy.dynamic.metric={self.metric!r} was not logged; use one "
+                                "of "
                                 f"{', '.join(sorted(trainer.callback_metrics))}.")
         # Rank 0's value everywhere: every rank takes the same decision with the same generator.
         acc = trainer.strategy.broadcast(float(value), src=0)

@@ -56,7 +56,8 @@ def main() -> None:
               f"dataset.noise={args.noise}", f"dataset.batch_size={args.batch_size}",
               f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false",
               "tracking.energy=false", "optim.scheduler=null", "optim.early_stopping=null"]
-    dyn = ["strategy=dynamic", f"strategy.dynamic.alpha={args.alpha}", f"strategy.dynamic.beta={args.beta}"]
+    dyn = ["strategy=dynamic", f"strategy.dynamic.alpha={args.alpha}",
+           f"strategy.dynamic.beta={args.beta}"]
     runs = {"finetune (full set)": ["strategy=finetune"]}
     for v in args.variants:
         runs[f"dynamic {v} (alpha={args.alpha})"] = [*dyn, f"strategy.dynamic.variant={v}"]

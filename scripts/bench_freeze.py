@@ -1,6 +1,7 @@
 """Time per training epoch vs frozen blocks (strategy ``freeze``), side by side in one run.
 
-Runs the real effbench pipeline (``effbench.run.run``) for ``strategy.freeze.frozen_stages=k`` for every k,
+Runs the real effbench pipeline (``effbench.run.run``) for ``strategy.freeze.frozen_stages=k`` for
+every k,
 in rounds with a rotating order so that load from other processes on a shared CPU spreads over all
 k, and reports the median epoch time per k (first epoch of every run dropped as warm-up) and its
 ratio to k=0. Default: resnet18 (random init) on digits at 32 px, on the CPU::

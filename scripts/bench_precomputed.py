@@ -55,7 +55,8 @@ def job(args: argparse.Namespace, strategy: str, epochs: int, lr: float, cache: 
         run_dir: Path) -> dict[str, Any]:
     overrides = [f"dataset={args.dataset}", f"dataset.image_size={args.image_size}",
                  f"backbone={args.backbone}", f"backbone.weights={args.weights}",
-                 f"strategy={strategy}", f"optim.optimizer.lr={lr:g}", f"trainer.max_epochs={epochs}",
+                 f"strategy={strategy}", f"optim.optimizer.lr={lr:g}",
+                 f"trainer.max_epochs={epochs}",
                  f"cache_dir={cache}", "trainer.enable_progress_bar=false",
                  f"tracking.energy={str(args.energy).lower()}", *args.overrides]
     summary = run_overrides(overrides, run_dir)

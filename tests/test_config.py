@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from effbench.errors import EffbenchError
 from effbench.hardware import trainer_kwargs

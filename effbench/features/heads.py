@@ -32,9 +32,11 @@ def build_head(kind: str, in_dim: int, num_classes: int, hidden: int = 512,
         raise EffbenchError(f"Unknown head strategy.precomputed.head={kind!r}; use one of "
                             f"{', '.join(HEADS)}.")
     if not (isinstance(hidden, int) and hidden >= 1):
-        raise EffbenchError(f"invalid value strategy.precomputed.hidden={hidden!r}: use a positive number "
+        raise EffbenchError(f"invalid value strategy.precomputed.hidden={hidden!r}: use a positive "
+                            "number "
                             "of hidden units such as strategy.precomputed.hidden=512.")
     if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
-        raise EffbenchError(f"invalid value strategy.precomputed.dropout={dropout!r}: use a probability in "
+        raise EffbenchError(f"invalid value strategy.precomputed.dropout={dropout!r}: use a "
+                            "probability in "
                             "[0, 1) such as strategy.precomputed.dropout=0.3.")
     return builder(in_dim, num_classes, hidden, float(dropout))

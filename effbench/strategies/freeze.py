@@ -80,7 +80,8 @@ def initial_frozen_layers(backbone: Backbone, frozen_stages: int | str,
     """Layers of the first stages, minus the last ``unfreeze_last_layers`` of the backbone."""
     layers = backbone_layers(backbone)
     if unfreeze_last_layers > len(layers):
-        raise EffbenchError(f"invalid value strategy.freeze.unfreeze_last_layers={unfreeze_last_layers}: "
+        raise EffbenchError("invalid value "
+                            f"strategy.freeze.unfreeze_last_layers={unfreeze_last_layers}: "
                             f"{backbone.name} has {len(layers)} layers; use 0..{len(layers)}.")
     n = frozen_stage_count(backbone, frozen_stages)
     frozen = [m for stage in stage_layers(backbone)[:n] for m in stage]
@@ -156,7 +157,8 @@ class FreezeSchedule(BaseFinetuning):
         if self.milestones and trainer.world_size > 1:
             # DDP fixes the set of gradient-synchronised parameters when it wraps the model, so
             # parameters unfrozen later would train differently on every rank.
-            raise EffbenchError(f"strategy.freeze.unfreeze_at_epochs={self.milestones} cannot run on "
+            raise EffbenchError(f"strategy.freeze.unfreeze_at_epochs={self.milestones} cannot run "
+                                "on "
                                 f"{trainer.world_size} processes; train on one device or set "
                                 f"strategy.freeze.unfreeze_at_epochs=[].")
         super().setup(trainer, pl_module, stage)
@@ -270,7 +272,8 @@ class Freeze(Technique):
     order = 10
     acts_on = frozenset({"model", "callbacks"})
 
-    def __init__(self, name: str = "freeze", frozen_stages: int | str = ALL, unfreeze_last_layers: int = 0,
+    def __init__(self, name: str = "freeze", frozen_stages: int | str = ALL,
+                 unfreeze_last_layers: int = 0,
                  frozen_bn_eval: bool = True, unfreeze_at_epochs: Sequence[int] = (),
                  unfreeze_step_layers: int | None = None, backbone_lr_factor: float = 0.1,
                  ) -> None:
@@ -300,7 +303,8 @@ class Freeze(Technique):
         epochs = int(ctx.cfg.trainer.max_epochs)
         late = [e for e in self.unfreeze_at_epochs if e >= epochs]
         if late:
-            raise EffbenchError(f"strategy.freeze.unfreeze_at_epochs={self.unfreeze_at_epochs} can never "
+            raise EffbenchError(f"strategy.freeze.unfreeze_at_epochs={self.unfreeze_at_epochs} can "
+                                "never "
                                 f"take effect at epoch(s) {late}: trainer.max_epochs={epochs} "
                                 f"(epochs 0..{epochs - 1}); raise trainer.max_epochs or use "
                                 "earlier epochs.")

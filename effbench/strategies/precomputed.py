@@ -106,23 +106,29 @@ class Precomputed(Technique):
     # -- phases -------------------------------------------------------------------------------
     def _check(self) -> None:
         if self.eval_on not in EVAL_ON:
-            raise EffbenchError(f"invalid value strategy.precomputed.eval_on={self.eval_on!r}: use one of "
+            raise EffbenchError(f"invalid value strategy.precomputed.eval_on={self.eval_on!r}: use "
+                                "one of "
                                 f"{', '.join(EVAL_ON)}.")
         if not (isinstance(self.bn_threshold, (int, float)) and self.bn_threshold >= 0):
-            raise EffbenchError(f"invalid value strategy.precomputed.bn_threshold={self.bn_threshold!r}: use "
+            raise EffbenchError("invalid value "
+                                f"strategy.precomputed.bn_threshold={self.bn_threshold!r}: use "
                                 "a relative change such as strategy.precomputed.bn_threshold=0.01.")
         if not (isinstance(self.bn_max_passes, int) and self.bn_max_passes >= 1):
-            raise EffbenchError(f"invalid value strategy.precomputed.bn_max_passes={self.bn_max_passes!r}: "
-                                "use 1 or more, or strategy.precomputed.bn_adapt=false to skip adaptation.")
+            raise EffbenchError("invalid value "
+                                f"strategy.precomputed.bn_max_passes={self.bn_max_passes!r}: "
+                                "use 1 or more, or strategy.precomputed.bn_adapt=false to skip "
+                                "adaptation.")
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
-            raise EffbenchError(f"invalid value strategy.precomputed.bn_momentum={self.bn_momentum!r}: use "
+            raise EffbenchError("invalid value "
+                                f"strategy.precomputed.bn_momentum={self.bn_momentum!r}: use "
                                 "a factor in (0, 1] or null for the cumulative average.")
         if not (isinstance(self.ambiguity_weight, (int, float)) and self.ambiguity_weight >= 0):
             raise EffbenchError(f"invalid value strategy.precomputed.ambiguity_weight="
                                 f"{self.ambiguity_weight!r}: use 0 (off) or a positive α.")
         if self.head_batch_size is not None and not (
                 isinstance(self.head_batch_size, int) and self.head_batch_size >= 2):
-            raise EffbenchError(f"invalid value strategy.precomputed.head_batch_size={self.head_batch_size!r}"
+            raise EffbenchError("invalid value "
+                                f"strategy.precomputed.head_batch_size={self.head_batch_size!r}"
                                 ": use 2 or more, or null for dataset.batch_size.")
 
     def _bn_settings(self, ctx: RunContext) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.nn.utils import prune
 
@@ -85,7 +85,8 @@ def _fraction(name: str, value: float) -> float:
 def _choice(name: str, value: str, allowed: tuple[str, ...] | dict) -> str:
     if value not in allowed:
         raise EffbenchError(f"strategy.prune.{name}={value!r} is not one of {', '.join(allowed)}; "
-                            f"set strategy.prune.{name}={next(iter(allowed))} (or another of them).")
+                            f"set strategy.prune.{name}={next(iter(allowed))} (or another of "
+                            "them).")
     return value
 
 
@@ -146,7 +147,8 @@ class GradualPruning(Callback):
         batches = trainer.num_training_batches
         if not math.isfinite(batches) and self.unit == "epoch":
             raise EffbenchError("strategy.prune.unit=epoch needs a dataset of known length; set "
-                                "strategy.prune.unit=step and give strategy.prune.start/end in steps.")
+                                "strategy.prune.unit=step and give strategy.prune.start/end in "
+                                "steps.")
         self.resolve(max(1, math.ceil(batches / trainer.accumulate_grad_batches)))
         log.info("pruning from step %d to %d every %d steps", self.begin_step, self.end_step,
                  self.every)
@@ -209,7 +211,8 @@ class Prune(Technique):
     needs = frozenset({"backbone_grad"})
     reparametrizes = True
 
-    def __init__(self, name: str = "prune", final_sparsity: float = 0.5, initial_sparsity: float = 0.1,
+    def __init__(self, name: str = "prune", final_sparsity: float = 0.5,
+                 initial_sparsity: float = 0.1,
                  power: float = 4.0, start: float = 0.5, end: float = 7.0, unit: str = "epoch",
                  frequency: float = 0.05, scope: str = "conv", mode: str = "layer",
                  adaptive_preset: str | None = "auto",
@@ -222,8 +225,10 @@ class Prune(Technique):
         self.power = float(power)
         self.start, self.end, self.frequency = float(start), float(end), float(frequency)
         if not 0 <= self.start <= self.end or self.frequency <= 0 or self.power <= 0:
-            raise EffbenchError(f"strategy.prune.start={start}, strategy.prune.end={end}, strategy.prune.frequency="
-                                f"{frequency}, strategy.prune.power={power} need 0 <= start <= end and "
+            raise EffbenchError(f"strategy.prune.start={start}, strategy.prune.end={end}, "
+                                "strategy.prune.frequency="
+                                f"{frequency}, strategy.prune.power={power} need 0 <= start <= end "
+                                "and "
                                 f"frequency, power > 0, e.g. start=0.5 end=7 frequency=0.05 "
                                 f"power=4.")
         self.unit = _choice("unit", unit, UNITS)
@@ -256,8 +261,10 @@ class Prune(Technique):
         if preset == "auto":
             preset = next((p for p in ADAPTIVE_PRESETS if p in backbone_name.lower()), None)
         if preset is None and not self.adaptive_targets:
-            raise EffbenchError(f"strategy.prune.scope=adaptive has no per-channel targets for backbone "
-                                f"{backbone_name!r}; set strategy.prune.adaptive_preset=resnet|densenet "
+            raise EffbenchError("strategy.prune.scope=adaptive has no per-channel targets for "
+                                "backbone "
+                                f"{backbone_name!r}; set "
+                                "strategy.prune.adaptive_preset=resnet|densenet "
                                 f"or strategy.prune.adaptive_targets='{{64: 0.25, 128: 0.4}}'.")
         return {**ADAPTIVE_PRESETS.get(preset or "", {}), **self.adaptive_targets}
 
@@ -275,16 +282,19 @@ class Prune(Technique):
         if self.unit == "epoch" and self.end > epochs:
             # Not refused: short trial runs of the study's presets are useful; said, not silent.
             log.warning("strategy.prune.end=%g is past trainer.max_epochs=%d: the pruning schedule "
-                        "will not reach strategy.prune.final_sparsity=%g (the summary says how far it "
+                        "will not reach strategy.prune.final_sparsity=%g (the summary says how far "
+                        "it "
                         "got)", self.end, epochs, self.final_sparsity)
 
     def configure_model(self, ctx: RunContext) -> None:
         layers = self.layers(ctx.system)
         targets = self.targets(layers, getattr(ctx.system.backbone, "name", ""))
         if not targets:
-            raise EffbenchError(f"strategy.prune.scope={self.scope} finds no layer to prune in backbone "
+            raise EffbenchError(f"strategy.prune.scope={self.scope} finds no layer to prune in "
+                                "backbone "
                                 f"{ctx.cfg.backbone.name}; use strategy.prune.scope=all or set "
-                                f"strategy.prune.adaptive_targets / strategy.prune.adaptive_default.")
+                                "strategy.prune.adaptive_targets / "
+                                "strategy.prune.adaptive_default.")
         # Identity masks from the start: every checkpoint has the same keys (weight_orig,
         # weight_mask), so resuming and testing the best checkpoint restore the masks as well.
         for name in targets:

@@ -147,7 +147,8 @@ class Qat(Technique):
             raise EffbenchError(f"strategy.qat.qat_scope={qat_scope!r} is not one of "
                                 f"{', '.join(QAT_SCOPES)}; set strategy.qat.qat_scope=conv or all.")
         if int(latency_batch) < 1:
-            raise EffbenchError(f"strategy.qat.latency_batch={latency_batch} must be >= 1, e.g. 16.")
+            raise EffbenchError(f"strategy.qat.latency_batch={latency_batch} must be >= 1, e.g. "
+                                "16.")
         self.qat_scope, self.latency_batch = qat_scope, int(latency_batch)
         self.latency_min_time, self.int8_eval = float(latency_min_time), bool(int8_eval)
         if finetune_epochs is not None and int(finetune_epochs) < 1:

@@ -160,7 +160,8 @@ def test_bad_alpha(alpha: float) -> None:
     ({"beta": 1.5}, "strategy.dynamic.beta=1.5"),
     ({"gamma": 0.0}, "strategy.dynamic.gamma=0.0"),
     ({"delta": -0.1}, "strategy.dynamic.delta=-0.1"),
-    ({"alpha": 800, "beta": 0.5}, "lower strategy.dynamic.beta"),  # 400 new images, only 200 outside A
+    # 400 new images, only 200 outside A
+    ({"alpha": 800, "beta": 0.5}, "lower strategy.dynamic.beta"),
 ])
 def test_bad_schedule_values(kw: dict, needle: str) -> None:
     with pytest.raises(EffbenchError, match=needle.replace(".", r"\.")):

@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from effbench import pipeline
 from effbench.backbones import BACKBONES, build_backbone
 from effbench.backbones.base import Backbone
-from effbench import pipeline
 from effbench.run import RunContext, build_run
 from effbench.strategies.freeze import (
     Freeze,

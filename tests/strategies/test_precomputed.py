@@ -9,9 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from effbench import pipeline
 from effbench.backbones.base import Backbone
 from effbench.features.cache import FeatureCache
-from effbench import pipeline
 from effbench.run import build_run
 from tests.conftest import compose_cfg, run_cli
 from tests.test_run import TINY, load_summary, run_job
@@ -57,7 +57,8 @@ def test_second_job_hits_the_cache_and_never_runs_the_backbone(
     forward = Backbone.forward
     monkeypatch.setattr(Backbone, "forward", lambda self, x: calls.append(1) or forward(self, x))
     second = run_job(tmp_path / "b", [*PRE, "strategy.precomputed.eval_on=features"])
-    third = run_job(tmp_path / "c", [*PRE, "strategy.precomputed.eval_on=features", "optim.optimizer.lr=1e-4",
+    third = run_job(tmp_path / "c", [*PRE, "strategy.precomputed.eval_on=features",
+                                     "optim.optimizer.lr=1e-4",
                                      "strategy.precomputed.hidden=64"])
     assert calls == []
     assert first["strategy"]["precomputed"]["cache_hit"] is False
@@ -65,7 +66,8 @@ def test_second_job_hits_the_cache_and_never_runs_the_backbone(
         assert job["status"] == "completed", job["error"]
         assert job["strategy"]["precomputed"]["cache_hit"] is True
         assert all(job["strategy"]["precomputed"]["cache"]["hits"].values())
-        assert job["strategy"]["precomputed"]["cache"]["keys"] == first["strategy"]["precomputed"]["cache"]["keys"]
+        keys = job["strategy"]["precomputed"]["cache"]["keys"]
+        assert keys == first["strategy"]["precomputed"]["cache"]["keys"]
         assert job["strategy"]["precomputed"]["bn_adaptation"]["from_cache"]
     # Same head recipe on cached features ≡ the final model's live forward on the test images.
     assert second["metrics"] == pytest.approx(first["metrics"], abs=1e-6)
@@ -110,7 +112,8 @@ def test_backbone_without_batchnorm_skips_adaptation(tmp_path: Path) -> None:
 
 
 def test_linear_head_and_no_ambiguity_weighting(tmp_path: Path) -> None:
-    summary = run_job(tmp_path, [*PRE, "strategy.precomputed.head=linear", "strategy.precomputed.ambiguity_weight=0"])
+    summary = run_job(tmp_path, [*PRE, "strategy.precomputed.head=linear",
+                                 "strategy.precomputed.ambiguity_weight=0"])
     assert summary["status"] == "completed", summary["error"]
     assert summary["model"]["head_params"] == 512 * 4 + 4
 
@@ -137,7 +140,8 @@ def test_cli_sweep_extracts_once(tmp_path: Path) -> None:
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob(
         "*/summary.json"))]
     assert len(summaries) == 4 and all(s["status"] == "completed" for s in summaries)
-    assert [s["strategy"]["precomputed"]["cache_hit"] for s in summaries] == [False, True, True, True]
+    hits = [s["strategy"]["precomputed"]["cache_hit"] for s in summaries]
+    assert hits == [False, True, True, True]
     assert len(list((cache / "features").glob("*.pt"))) == 4  # BN state + 3 splits, once
 
 

@@ -191,7 +191,8 @@ def test_adaptive_without_targets_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_cli_run(tmp_path: Path) -> None:
-    res = run_cli(["strategy=prune", *TINY_MULTILABEL, "trainer.max_epochs=2", "strategy.prune.end=1.5",
+    res = run_cli(["strategy=prune", *TINY_MULTILABEL, "trainer.max_epochs=2",
+                   "strategy.prune.end=1.5",
                    f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     s = load_summary(tmp_path / "run")
