@@ -7,6 +7,7 @@ from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import LearningRateMonitor
 
 from effbench.context import RunContext
 from effbench.errors import EffbenchError
@@ -81,7 +82,9 @@ def fit_and_test(ctx: RunContext, techniques: list[Technique], recipe: Recipe,
     """One Lightning fit with the recipe's callbacks, then the test of its best checkpoint."""
     ready = [t.best_checkpoint_ready for t in techniques]
     run_dir = ctx.run_dir / subdir if subdir else ctx.run_dir
-    trainer = ctx.make_trainer([*recipe.callbacks(run_dir, ready), *callbacks],
+    # The lr per epoch in the CSV/TensorBoard: ReduceLROnPlateau changes it, invisibly otherwise.
+    lr_monitor = LearningRateMonitor(logging_interval="epoch")
+    trainer = ctx.make_trainer([*recipe.callbacks(run_dir, ready), *callbacks, lr_monitor],
                                **trainer_overrides)
     with ctx.phase("train"):
         # weights_only: a checkpoint is data from outside; loading it must not run code.

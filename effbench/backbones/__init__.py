@@ -167,7 +167,23 @@ def _read_state_dict(name: str, path: Path) -> Mapping[str, torch.Tensor]:
     if not isinstance(state, Mapping):
         raise EffbenchError(f"Weights file {path} holds a {type(state).__name__}, not a state "
                             f"dict; {hint}.")
-    return state
+    return _backbone_of_checkpoint(state)
+
+
+def _backbone_of_checkpoint(state: Mapping) -> Mapping[str, torch.Tensor]:
+    """An effbench run's Lightning checkpoint (``<run>/checkpoints/best.ckpt``) → its backbone's
+    state dict: pretrain on one dataset, transfer to another (``backbone.weights=<ckpt>``).
+    Pruning's re-parametrised weights (``weight_orig`` × ``weight_mask``) are folded back."""
+    if not (isinstance(state.get("state_dict"), Mapping) and "epoch" in state):
+        return state
+    prefix = "backbone."
+    inner = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    for key in [k for k in inner if k.endswith("weight_orig")]:
+        base = key[: -len("_orig")]
+        mask = inner.pop(base + "_mask", None)
+        orig = inner.pop(key)
+        inner[base] = orig * mask if mask is not None else orig
+    return inner
 
 
 def _first_line(err: BaseException) -> str:
