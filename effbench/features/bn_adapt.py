@@ -7,8 +7,12 @@ images the running means of all BN layers are compared with those before the pas
     change = ‖μ_after − μ_before‖₂ / ‖μ_before‖₂      (all layers' means concatenated)
 
 and adaptation stops at the first pass with ``change < threshold`` or after ``max_passes``.
-``momentum=None`` uses PyTorch's cumulative average (the counters are reset first, so the new
-statistics are the plain average over the new domain's batches); a number is the usual EMA factor.
+
+A number ``momentum`` is the usual EMA factor (the default, 0.1): every pass moves the statistics
+towards the new domain's by a shrinking amount, so the threshold decides how many passes run.
+``momentum=None`` uses PyTorch's cumulative average (counters reset first): one pass gives the
+exact average over the new domain's batches, and a second pass over the same batches cannot change
+it (it only repeated the first, ~1e-7 relative change) — so it stops after one pass.
 """
 
 from __future__ import annotations
@@ -91,8 +95,8 @@ def adapt_batchnorm(model: nn.Module, batches: Callable[[], Iterable[torch.Tenso
                 after = _means(layers)
                 result.changes.append(relative_change(after, before))
                 before = after
-                if result.changes[-1] < threshold:
-                    result.converged = True
+                if momentum is None or result.changes[-1] < threshold:
+                    result.converged = True  # cumulative average: exact after one pass
                     break
     finally:
         for m, mom in zip(layers, saved_momentum):

@@ -60,7 +60,7 @@ class Precomputed(Technique):
     def __init__(self, name: str = "precomputed", head: str = "mlp", hidden: int = 512,
                  dropout: float = 0.3, ambiguity_weight: float = 1.0, bn_adapt: bool = True,
                  bn_threshold: float = 0.01, bn_max_passes: int = 10,
-                 bn_momentum: float | None = None, head_batch_size: int | None = None,
+                 bn_momentum: float | None = 0.1, head_batch_size: int | None = None,
                  eval_on: str = "model", head_threads: int | None = None,
                  ) -> None:
         super().__init__(name)

@@ -49,7 +49,21 @@ def test_cumulative_bn_adaptation_forgets_the_old_domain() -> None:
     result = adapt_batchnorm(model, lambda: batches, threshold=1e-3, max_passes=10, momentum=None)
     batch_means = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
     assert model[0].running_mean == pytest.approx(batch_means, abs=1e-5)
-    assert result.passes == 2 and result.converged  # pass 2 repeats pass 1: no change
+    # One pass is the exact average; a second over the same batches could not change it.
+    assert result.passes == 1 and result.converged
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.05])
+def test_the_threshold_decides_the_number_of_passes(momentum: float) -> None:
+    """With the default EMA statistics the rule means something: a looser threshold stops
+    earlier, a tighter one runs more passes."""
+    passes = []
+    for threshold in (0.3, 0.01, 1e-4):
+        model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        batches = _shifted_batches()
+        passes.append(adapt_batchnorm(model, lambda b=batches: b, threshold=threshold,
+                                      max_passes=50, momentum=momentum).passes)
+    assert passes[0] < passes[1] < passes[2], passes
 
 
 def test_bn_adaptation_skips_a_backbone_without_batchnorm() -> None:
