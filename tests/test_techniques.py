@@ -60,6 +60,7 @@ def _qat(s: dict) -> None:
     q = s["strategy"]["qat"]
     assert q["quantized_weights_bytes"]["ratio"] == pytest.approx(4.0, rel=0.02)
     assert s["model"]["size_bytes_int8"] < s["model"]["size_bytes_fp32"]
+    assert s["model"]["size_bytes_fp16"] < s["model"]["size_bytes_fp32"]  # the study's 16-bit
     assert s["hardware"]["precision"] == "32-true"
 
 
