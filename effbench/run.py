@@ -266,7 +266,7 @@ def _fill_results(summary: dict[str, Any], ctx: RunContext, model_facts: dict[st
     summary["metrics"] = {**sys_.test_results.get("scalars", {}),
                           **_val_max([*_numeric(ctx.history_rows), *sys_.val_history])}
     summary["per_class"] = dict(sys_.test_results.get("per_class", {}))
-    summary["best_val"] = dict(sys_.best_val)
+    summary["best_val"] = _best_val(sys_.best_val, _numeric(ctx.history_rows))
     summary["epochs"] = ctx.epochs
     summary["data"] = {**ctx.datamodule.describe(),
                        "preprocessing": ctx.datamodule.preprocessing.describe()}
@@ -278,6 +278,18 @@ def _fill_results(summary: dict[str, Any], ctx: RunContext, model_facts: dict[st
     train_time = ctx.times.get("train")
     images = ctx.record.total_images()
     summary["throughput_img_s"] = images / train_time if images and train_time else None
+
+
+def _best_val(best: dict[str, float], before: list[dict[str, float]]) -> dict[str, float]:
+    """The lowest-val-loss epoch of the whole run: a resumed run also weighs the epochs before
+    the interruption (from the CSV history)."""
+    rows = [{k: v for k, v in r.items() if k.startswith("val/") or k == "epoch"}
+            for r in before if "val/loss" in r]
+    candidates = [*rows, *([dict(best)] if best else [])]
+    if not candidates:
+        return {}
+    chosen = min(candidates, key=lambda r: r["val/loss"])
+    return {**chosen, "epoch": int(chosen["epoch"])} if "epoch" in chosen else chosen
 
 
 def _numeric(rows: list[dict[str, str]]) -> list[dict[str, float]]:

@@ -99,9 +99,11 @@ def test_lr_scaled_by_world_size(scaling: str, expected: float) -> None:
     from effbench.losses import CrossEntropy
     from effbench.system import ClassifierSystem
 
+    from functools import partial
+
+    optim = {"factory": partial(torch.optim.Adam), "lr": 1e-3, "lr_scaling": scaling}
     system = ClassifierSystem(nn.Flatten(), nn.Linear(4, 2), CrossEntropy(), "multiclass",
-                              ["a", "b"], {"name": "adam", "lr": 1e-3, "lr_scaling": scaling},
-                              None)
+                              ["a", "b"], optim, None)
     system._trainer = SimpleNamespace(world_size=4)
     opt = system.configure_optimizers()
     assert isinstance(opt, torch.optim.Adam)

@@ -363,10 +363,6 @@ def test_two_nodes_with_torchrun(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "Lightning's env-var launch (NODE_RANK, no RANK): effbench reads rank_zero_only.rank before "
-    "the Trainer sets it, so node 1's process also counts as rank 0 at run() start: both try to "
-    "own the run dir; one is refused ('in use') and its peer waits for it forever."))
 def test_two_nodes_with_lightning_env_vars(tmp_path: Path) -> None:
     _needs_gloo()
     port = _free_port()

@@ -7,6 +7,11 @@ per-layer targets by output channels (the "adaptive" variant). Masks come from
 ``torch.nn.utils.prune``; at the end they are made permanent and the dense and zipped state-dict
 sizes are reported.
 
+``structure=channel`` removes whole conv output channels instead (torch-pruning, see
+effbench/compression/structured.py) on the same schedule: each update prunes every channel group
+to the scheduled fraction of its original channels, the optimizer follows the replaced
+parameters, and the end reports parameters, MACs, size and CPU latency before/after.
+
 Why a small callback and not Lightning's ``ModelPruning``: its ``amount`` is evaluated once per
 epoch (the schedule here starts mid-epoch and updates every ``frequency``), it has no per-layer
 amounts (adaptive), and its lottery-ticket resetting is on by default. The amounts handed to
@@ -16,17 +21,30 @@ iterative ``PruningContainer`` semantics), computed from the schedule's total ta
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.nn.utils import prune
 
-from effbench.compression import zipped_state_dict_bytes
+from effbench.compression import cpu_latency_ms, zipped_state_dict_bytes
+from effbench.compression.structured import (
+    build_channel_pruner,
+    channel_sparsity,
+    conv_layers,
+    count_macs,
+    example_batch,
+    import_torch_pruning,
+    out_channels,
+    recorded_swaps,
+    remap_optimizer,
+)
 from effbench.errors import EffbenchError
 from effbench.strategies.base import Technique
 from effbench.summary import state_dict_bytes
@@ -44,6 +62,8 @@ SCOPES: dict[str, tuple[type[nn.Module], ...]] = {
     "adaptive": CONV,
 }
 MODES = ("layer", "global")
+# unstructured: masks (zeros) in the weights; channel: conv output channels removed (torch-pruning).
+STRUCTURES = ("unstructured", "channel")
 UNITS = ("epoch", "step")
 # The study's adaptive targets, by a conv layer's output channels. Channel counts a preset lacks
 # (ResNet's 128, DenseNet's 128/256/512) are left unpruned unless ``adaptive_default`` is set.
@@ -202,6 +222,68 @@ def prune_global_to(modules: list[nn.Module], sparsity: float) -> None:
                                   pruning_method=prune.L1Unstructured, amount=extra)
 
 
+class ChannelPruning(GradualPruning):
+    """Removes conv output channels of ``layers`` on :class:`GradualPruning`'s schedule: each
+    update brings every channel group (``mode=layer``; ``global``: all groups ranked together) to
+    the scheduled fraction of its original channels, with torch-pruning keeping coupled layers
+    (residual adds, concatenations) consistent. Optimizers seen at ``on_train_start`` follow the
+    replaced parameters, state included."""
+
+    def __init__(self, system: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor,
+                 final: float, initial: float, power: float, start: float, end: float,
+                 unit: str, frequency: float, mode: str) -> None:
+        super().__init__(layers, dict.fromkeys(layers, final), initial, power, start, end, unit,
+                         frequency, mode)
+        self.initial_channels = out_channels(layers)
+        self.optimizers: list[torch.optim.Optimizer] = []
+        # The head is never pruned: it only loses the inputs the backbone no longer produces.
+        self.pruner = build_channel_pruner(system, example[:1], [system.head], final,
+                                           self.ratio_at, mode == "global")
+
+    def due_steps(self) -> list[int]:
+        """The steps :meth:`due` fires at, in order, when training runs through ``end``."""
+        return [*range(self.begin_step, self.end_step, self.every), self.end_step]
+
+    def ratio_at(self, call: int, final: float) -> float:
+        """The fraction of channels removed after the ``call``-th update (from 1)."""
+        if call <= 0:
+            return 0.0
+        due = self.due_steps()
+        step = due[min(call, len(due)) - 1]
+        schedule = next(iter(self.schedules.values()))
+        return PolynomialSchedule(min(self.initial, final), final, schedule.begin, schedule.end,
+                                  self.power)(step)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.world_size > 1:
+            # DDP registers every parameter (and its shape) when it wraps the model.
+            raise EffbenchError("strategy.prune.structure=channel cannot run on "
+                                f"{trainer.world_size} processes (DDP fixes the parameter shapes "
+                                "that channel pruning changes); train on one device or use "
+                                "strategy.prune.structure=unstructured.")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.optimizers = list(trainer.optimizers)
+
+    def scheduled(self, step: int) -> float:
+        return next(iter(self.schedules.values()))(step)
+
+    def apply(self, step: int) -> None:
+        with recorded_swaps() as swaps:
+            self.pruner.step()
+        for optimizer in self.optimizers:
+            remap_optimizer(optimizer, swaps)
+
+    def sparsity(self) -> float:
+        return channel_sparsity(self.initial_channels, self.layers)
+
+    def release(self) -> None:
+        """Drops torch-pruning's graph (it holds the modules) once pruning is over."""
+        self.pruner = None
+        self.optimizers = []
+
+
 class Prune(Technique):
     """Gradual magnitude pruning (see the module docstring); composable with the shared fit."""
 
@@ -209,6 +291,8 @@ class Prune(Technique):
     order = 30
     acts_on = frozenset({"model", "callbacks", "checkpoint"})
     needs = frozenset({"backbone_grad"})
+    # Masks are hooks; channel pruning replaces parameters and resizes layers during training.
+    # Either way a later graph export (qat) must wait until ``settle``.
     reparametrizes = True
 
     def __init__(self, name: str = "prune", final_sparsity: float = 0.5,
@@ -218,7 +302,8 @@ class Prune(Technique):
                  adaptive_preset: str | None = "auto",
                  adaptive_targets: dict[int, float] | None = None,
                  adaptive_default: float | None = None, include_head: bool = False,
-                 ) -> None:
+                 structure: str = "unstructured", latency_batch: int = 16,
+                 latency_min_time: float = 1.0) -> None:
         super().__init__(name)
         self.final_sparsity = _fraction("final_sparsity", final_sparsity)
         self.initial_sparsity = _fraction("initial_sparsity", initial_sparsity)
@@ -245,7 +330,21 @@ class Prune(Technique):
         self.adaptive_default = (None if adaptive_default is None
                                  else _fraction("adaptive_default", adaptive_default))
         self.include_head = bool(include_head)
+        self.structure = _choice("structure", structure, STRUCTURES)
+        if self.structure == "channel" and (self.scope != "conv" or self.include_head):
+            raise EffbenchError(f"strategy.prune.structure=channel removes the backbone's conv "
+                                f"output channels and never the head's, so it needs "
+                                f"strategy.prune.scope=conv and strategy.prune.include_head=false "
+                                f"(got scope={self.scope}, include_head={self.include_head}).")
+        if int(latency_batch) < 1 or float(latency_min_time) <= 0:
+            raise EffbenchError(f"strategy.prune.latency_batch={latency_batch} and "
+                                f"strategy.prune.latency_min_time={latency_min_time} must be "
+                                ">= 1 and > 0, e.g. 16 and 1.0.")
+        self.latency_batch, self.latency_min_time = int(latency_batch), float(latency_min_time)
         self._pruner: GradualPruning | None = None
+        self._example: torch.Tensor | None = None
+        self._before: dict[str, Any] = {}
+        self._after: dict[str, Any] = {}
 
     # -- what gets pruned ------------------------------------------------------------------------
     def layers(self, system: nn.Module) -> dict[str, nn.Module]:

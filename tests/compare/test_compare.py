@@ -52,8 +52,8 @@ def test_real_sweep_table_matches_summaries(tmp_path: Path) -> None:
     if SECOND:
         axis, baseline, key = [f"strategy=finetune,{SECOND}"], [], "strategy"
     else:
-        axis, baseline, key = ["strategy.lr=1e-3,1e-2"], ["--baseline", "strategy.lr=1e-3"], \
-            "strategy.lr"
+        axis, baseline, key = ["optim.optimizer.lr=1e-3,1e-2"], ["--baseline", "optim.optimizer.lr=1e-3"], \
+            "optim.optimizer.lr"
     proc = run_cli(["-m", *SWEEP, *axis, "seed=0,1"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sweep = sweep_dir(tmp_path)
@@ -101,7 +101,7 @@ def test_real_sweep_table_matches_summaries(tmp_path: Path) -> None:
     assert len(pd.read_csv(out / "runs.csv")) == 4
     pngs = ["metric_vs_time", "params_time_metric", "learning_curves", "train_val_gap"]
     if not SECOND:
-        pngs.append("metric_vs_strategy.lr")
+        pngs.append("metric_vs_optim.optimizer.lr")
     for name in pngs:
         assert_png(out / f"{name}.png")
     assert "co2.png skipped" in res.stdout  # energy off: said, not drawn empty
@@ -109,7 +109,7 @@ def test_real_sweep_table_matches_summaries(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_failed_job_is_listed(tmp_path: Path) -> None:
-    proc = run_cli(["-m", *SWEEP, "strategy.lr=1e-3,-1", "seed=0"], cwd=tmp_path)
+    proc = run_cli(["-m", *SWEEP, "optim.optimizer.lr=1e-3,-1", "seed=0"], cwd=tmp_path)
     # The sweep says that one job failed (exit 1); its summary.json is still there to compare.
     assert proc.returncode == 1 and "1 job(s) of the sweep" in proc.stderr, proc.stderr[-2000:]
     sweep = sweep_dir(tmp_path)
@@ -286,7 +286,7 @@ def test_hparams_reach_tensorboard(tmp_path: Path) -> None:
 
     from tests.test_run import run_job
 
-    summary = run_job(tmp_path, ["trainer.max_epochs=1", "strategy.lr=0.01"])
+    summary = run_job(tmp_path, ["trainer.max_epochs=1", "optim.optimizer.lr=0.01"])
     assert summary["status"] == "completed", summary["error"]
     found = None
     for events in sorted((tmp_path / "run" / "tb").glob("events.out.tfevents.*")):
@@ -301,7 +301,7 @@ def test_hparams_reach_tensorboard(tmp_path: Path) -> None:
     start = plugin_data_pb2.HParamsPluginData.FromString(
         content["_hparams_/session_start_info"]).session_start_info.hparams
     assert start["strategy"].string_value == "finetune"
-    assert start["strategy.lr"].number_value == pytest.approx(0.01)
+    assert start["optim.optimizer.lr"].number_value == pytest.approx(0.01)
     assert start["seed"].number_value == 0
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
         content["_hparams_/experiment"]).experiment
