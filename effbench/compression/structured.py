@@ -34,8 +34,9 @@ def import_torch_pruning() -> Any:
     try:
         import torch_pruning
     except ImportError as err:
-        raise EffbenchError("strategy.prune.structure=channel needs torch-pruning; install it with "
-                            "`.venv/bin/pip install torch-pruning` (or `pip install -e .`).") from err
+        raise EffbenchError("strategy.prune.structure=channel needs torch-pruning; install it "
+                            "with `.venv/bin/pip install torch-pruning` (or `pip install -e .`)."
+                            ) from err
     return torch_pruning
 
 

@@ -384,8 +384,18 @@ class Prune(Technique):
                         "will not reach strategy.prune.final_sparsity=%g (the summary says how far "
                         "it "
                         "got)", self.end, epochs, self.final_sparsity)
+        if self.structure == "channel":
+            import_torch_pruning()
+            if ctx.resume:
+                raise EffbenchError(f"resume={ctx.resume['path']} cannot continue a "
+                                    "strategy.prune.structure=channel run, whose checkpoints hold "
+                                    "layers with fewer channels than the model built at start; "
+                                    "start a new run instead.")
 
     def configure_model(self, ctx: RunContext) -> None:
+        if self.structure == "channel":
+            self._configure_channels(ctx)
+            return
         layers = self.layers(ctx.system)
         targets = self.targets(layers, getattr(ctx.system.backbone, "name", ""))
         if not targets:
@@ -402,6 +412,29 @@ class Prune(Technique):
                                       self.initial_sparsity, self.power, self.start, self.end,
                                       self.unit, self.frequency, self.mode)
 
+    def _configure_channels(self, ctx: RunContext) -> None:
+        system = ctx.system
+        layers = conv_layers(system.backbone, "backbone")
+        if not layers:
+            raise EffbenchError(f"strategy.prune.structure=channel finds no conv layer in backbone "
+                                f"{ctx.cfg.backbone.name}; use "
+                                "strategy.prune.structure=unstructured.")
+        self._example = example_batch(ctx.datamodule, self.latency_batch)
+        with ctx.phase("compress"):
+            # The unpruned model, kept for its latency next to the pruned one's at the end.
+            self._before = self._measure(system)
+        self._pruner = ChannelPruning(system, layers, self._example, self.final_sparsity,
+                                      self.initial_sparsity, self.power, self.start, self.end,
+                                      self.unit, self.frequency, self.mode)
+
+    def _measure(self, system: nn.Module) -> dict[str, Any]:
+        """Parameters, MACs (one image), state-dict bytes and a CPU copy of backbone + head."""
+        assert self._example is not None
+        model = copy.deepcopy(nn.Sequential(system.backbone, system.head)).cpu().eval()
+        return {"params": sum(p.numel() for p in system.parameters()),
+                "macs": count_macs(model, self._example[:1]),
+                "size_bytes": state_dict_bytes(system), "model": model}
+
     def callbacks(self, ctx: RunContext) -> list[Callback]:
         assert self._pruner is not None, "configure_model runs before callbacks"
         return [self._pruner]
@@ -412,6 +445,8 @@ class Prune(Technique):
         return self._pruner is not None and self._pruner.finished(trainer.global_step)
 
     def headline(self, summary: dict[str, Any]) -> str | None:
+        if self.structure == "channel":
+            return self._channel_headline(summary)
         s, m = self.facts(summary), summary["model"]
         dense, zipped = m.get("size_bytes"), m.get("size_bytes_compressed")
         done = "" if s.get("schedule_completed") else " (schedule NOT completed)"
@@ -419,8 +454,30 @@ class Prune(Technique):
                 f"{self.final_sparsity:.0%}){done}   size {dense / 2**20:.2f} MB dense → "
                 f"{zipped / 2**20:.2f} MB compressed")
 
+    def _channel_headline(self, summary: dict[str, Any]) -> str:
+        s, m = self.facts(summary), summary["model"]
+        done = "" if s.get("schedule_completed") else " (schedule NOT completed)"
+        speed = m.get("speedup") or 0
+        verdict = f"{speed:.2f}× faster" if speed >= 1 else f"{1 / speed:.2f}× SLOWER" if speed \
+            else "n/a"
+        return (f"channels removed {s.get('channel_sparsity', 0):.1%} (target "
+                f"{self.final_sparsity:.0%}){done}   params {m['params_before']:,} → "
+                f"{m['params_after']:,}   MACs {m['macs_before'] / 1e6:.1f} M → "
+                f"{m['macs_after'] / 1e6:.1f} M   size {m['size_bytes_before'] / 2**20:.2f} MB → "
+                f"{m['size_bytes_structured'] / 2**20:.2f} MB   CPU latency "
+                f"{m['latency_ms_before']:.1f} ms → {m['latency_ms_after']:.1f} ms ({verdict}, "
+                f"batch {self.latency_batch})")
+
     def settle(self, ctx: RunContext) -> None:
         assert self._pruner is not None
+        if self.structure == "channel":
+            # Nothing to make permanent (the channels are gone); what the pruned model is, is
+            # recorded now, before a later technique (qat) rebuilds it.
+            if not self._after:
+                with ctx.phase("compress"):
+                    self._after = self._measure(ctx.system)
+                self._pruner.release()
+            return
         with ctx.phase("compress"):
             for module in self._pruner.layers.values():
                 if prune.is_pruned(module):
@@ -434,6 +491,8 @@ class Prune(Technique):
         pruner = self._pruner
         assert pruner is not None
         self.settle(ctx)
+        if self.structure == "channel":
+            return self._finalize_channels(ctx, pruner)
         with ctx.phase("compress"):
             per_layer = {n: layer_sparsity(m) for n, m in pruner.layers.items()}
             sizes = {n: m.weight.numel() for n, m in pruner.layers.items()}
@@ -442,21 +501,46 @@ class Prune(Technique):
             zeros = sum(int((p.detach() == 0).sum()) for p in params)
             dense = state_dict_bytes(ctx.system)
             zipped = zipped_state_dict_bytes(ctx.system)
-        completed = pruner.last_step >= pruner.end_step if pruner.schedules else False
-        if not completed:
-            log.warning("training stopped before the pruning schedule ended (step %d of %d): "
-                        "the sparsity reported is below the target", pruner.last_step,
-                        pruner.end_step)
         return {
             "pruned_layers": len(per_layer),
             "sparsity": overall,
             "sparsity_per_layer": per_layer,
             "target_per_layer": dict(pruner.targets),
-            "schedule_steps": {"begin": pruner.begin_step, "end": pruner.end_step,
-                               "every": pruner.every},
-            "schedule_completed": completed,
-            "schedule_history": pruner.history,
+            **self._schedule_facts(pruner),
             "model": {"size_bytes": dense, "size_bytes_compressed": zipped,
                       "compression_ratio": dense / zipped, "sparsity": overall,
                       "sparsity_params": zeros / sum(p.numel() for p in params)},
+        }
+
+    def _schedule_facts(self, pruner: GradualPruning) -> dict[str, Any]:
+        completed = pruner.last_step >= pruner.end_step if pruner.schedules else False
+        if not completed:
+            log.warning("training stopped before the pruning schedule ended (step %d of %d): "
+                        "the sparsity reported is below the target", pruner.last_step,
+                        pruner.end_step)
+        return {"schedule_steps": {"begin": pruner.begin_step, "end": pruner.end_step,
+                                   "every": pruner.every},
+                "schedule_completed": completed, "schedule_history": pruner.history}
+
+    def _finalize_channels(self, ctx: RunContext, pruner: GradualPruning) -> dict[str, Any]:
+        assert isinstance(pruner, ChannelPruning) and self._example is not None
+        before, after = self._before, self._after
+        with ctx.phase("latency"):  # side by side, same input, same threads
+            before_ms = cpu_latency_ms(before["model"], self._example, self.latency_min_time)
+            after_ms = cpu_latency_ms(after["model"], self._example, self.latency_min_time)
+        sparsity = pruner.sparsity()
+        return {
+            "pruned_layers": len(pruner.layers),
+            "channel_sparsity": sparsity,
+            "channels_per_layer": {n: [c, int(pruner.layers[n].out_channels)]
+                                   for n, c in pruner.initial_channels.items()},
+            **self._schedule_facts(pruner),
+            "latency": {"batch": self.latency_batch, "threads": torch.get_num_threads(),
+                        "input": list(self._example.shape[1:]), "device": "cpu"},
+            "model": {"params_before": before["params"], "params_after": after["params"],
+                      "macs_before": before["macs"], "macs_after": after["macs"],
+                      "size_bytes_before": before["size_bytes"],
+                      "size_bytes_structured": after["size_bytes"],
+                      "latency_ms_before": before_ms, "latency_ms_after": after_ms,
+                      "speedup": before_ms / after_ms, "channel_sparsity": sparsity},
         }
