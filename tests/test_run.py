@@ -91,6 +91,7 @@ def test_class_weighted_bce_formula() -> None:
 
 @pytest.mark.parametrize(("scaling", "expected"), [("linear", 4e-3), ("none", 1e-3)])
 def test_lr_scaled_by_world_size(scaling: str, expected: float) -> None:
+    from functools import partial
     from types import SimpleNamespace
 
     import torch
@@ -98,8 +99,6 @@ def test_lr_scaled_by_world_size(scaling: str, expected: float) -> None:
 
     from effbench.losses import CrossEntropy
     from effbench.system import ClassifierSystem
-
-    from functools import partial
 
     optim = {"factory": partial(torch.optim.Adam), "lr": 1e-3, "lr_scaling": scaling}
     system = ClassifierSystem(nn.Flatten(), nn.Linear(4, 2), CrossEntropy(), "multiclass",

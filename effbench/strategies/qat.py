@@ -295,7 +295,7 @@ class KeepZeros(Callback):
 
 
 def _fp16_bytes(model: nn.Module) -> int:
-    """Bytes of the state dict with every floating tensor stored in 16 bits (not saved: a figure)."""
+    """Bytes of the state dict with every floating tensor in 16 bits (a figure; nothing saved)."""
     return sum(t.numel() * (2 if t.is_floating_point() else t.element_size())
                for t in model.state_dict().values())
 

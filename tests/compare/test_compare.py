@@ -52,8 +52,8 @@ def test_real_sweep_table_matches_summaries(tmp_path: Path) -> None:
     if SECOND:
         axis, baseline, key = [f"strategy=finetune,{SECOND}"], [], "strategy"
     else:
-        axis, baseline, key = ["optim.optimizer.lr=1e-3,1e-2"], ["--baseline", "optim.optimizer.lr=1e-3"], \
-            "optim.optimizer.lr"
+        axis, key = ["optim.optimizer.lr=1e-3,1e-2"], "optim.optimizer.lr"
+        baseline = ["--baseline", "optim.optimizer.lr=1e-3"]
     proc = run_cli(["-m", *SWEEP, *axis, "seed=0,1"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sweep = sweep_dir(tmp_path)
