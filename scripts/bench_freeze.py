@@ -13,6 +13,7 @@ ratio to k=0. Default: resnet18 (random init) on digits at 32 px, on the CPU::
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -48,6 +49,7 @@ def one_run(args: argparse.Namespace, k: str, run_dir: Path) -> dict[str, Any]:
                  f"strategy.freeze.frozen_stages={k}", f"trainer.max_epochs={args.epochs}",
                  "optim.checkpoint=false", "optim.early_stopping=null",
                  "trainer.enable_progress_bar=false", "tracking.energy=false", "hardware=cpu",
+                 f"hardware.cpu_threads={args.threads}",  # the run sets torch's threads itself
                  *args.overrides]
     summary = run_overrides(overrides, run_dir)
     if summary["status"] != "completed":
@@ -63,16 +65,16 @@ def bench(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             order = ks[r % len(ks):] + ks[:r % len(ks)]  # rotate: no k always runs first
             for k in order:
                 summary = one_run(args, k, Path(tmp) / f"r{r}_k{k}")
-                results[k]["epochs"] += summary["strategy"]["freeze"]["epoch_times_s"][1:]
+                epochs = summary["strategy"]["freeze"]["epoch_times_s"]
+                results[k]["epochs"] += epochs[1:]
                 results[k]["trainable"] = summary["model"]["params_trainable"]
-                print(f"  round {r} k={k}: epochs "
-                      f"{[round(t, 3) for t in summary['strategy']['epoch_times_s']]}", flush=True)
+                print(f"  round {r} k={k}: epochs {[round(t, 3) for t in epochs]}", flush=True)
     for res in results.values():
         res["median"] = statistics.median(res["epochs"])
     return results
 
 
-def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> float:
     base = results[next(iter(results))]["median"]
     print(f"\n{args.backbone} (weights=null) on {args.dataset} at {args.image_size} px, "
           f"{torch.get_num_threads()} thread(s), {args.rounds} runs x {args.epochs - 1} timed "
@@ -86,6 +88,7 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
     ratio = results[last]["median"] / base
     verdict = "OK" if ratio <= GOAL else "ABOVE GOAL"
     print(f"\nk={last} / k={next(iter(results))}: {ratio:.2f}x (goal <= {GOAL}x): {verdict}")
+    return ratio
 
 
 def plot(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
@@ -120,8 +123,13 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     results = bench(args)
-    report(results, args)
+    ratio = report(results, args)
     plot(results, args)
+    ks = list(results)
+    print(json.dumps({"freeze_ratio": round(ratio, 3), "k_first": ks[0], "k_last": ks[-1],
+                      "goal": GOAL,
+                      "epoch_s": {k: round(r["median"], 4) for k, r in results.items()},
+                      "trainable_params": {k: r["trainable"] for k, r in results.items()}}))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ both validating once per epoch. Runs are interleaved and repeated; the medians a
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -104,7 +105,13 @@ def main() -> None:
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}")
     print(f"  plain PyTorch loop : {thr['plain']:8.0f} img/s (median {med['plain']:.2f} s)")
     print(f"  effbench finetune  : {thr['effbench']:8.0f} img/s (median {med['effbench']:.2f} s)")
-    print(f"  overhead           : {100 * (med['effbench'] / med['plain'] - 1):+.1f} % time")
+    overhead = 100 * (med['effbench'] / med['plain'] - 1)
+    print(f"  overhead           : {overhead:+.1f} % time")
+    print(json.dumps({"overhead_pct": round(overhead, 2),
+                      "effbench_img_s": round(thr["effbench"], 1),
+                      "plain_img_s": round(thr["plain"], 1),
+                      "effbench_s": round(med["effbench"], 3), "plain_s": round(med["plain"], 3),
+                      "repeats": args.repeats, "epochs": args.epochs}))
 
 
 if __name__ == "__main__":
