@@ -23,6 +23,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +52,23 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def threads_override(args: argparse.Namespace) -> list[str]:
+    # A run sets torch's threads itself (hardware.cpu_threads): torch.set_num_threads alone would
+    # be undone by the first job.
+    return [f"hardware.cpu_threads={args.threads}"] if args.threads else []
+
+
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    return [f"dataset={args.dataset}", f"dataset.image_size={args.image_size}",
+            f"backbone={args.backbone}", f"backbone.weights={args.weights}",
+            *threads_override(args)]
+
+
 def job(args: argparse.Namespace, strategy: str, epochs: int, lr: float, cache: Path,
         run_dir: Path) -> dict[str, Any]:
-    overrides = [f"dataset={args.dataset}", f"dataset.image_size={args.image_size}",
-                 f"backbone={args.backbone}", f"backbone.weights={args.weights}",
-                 f"strategy={strategy}", f"optim.optimizer.lr={lr:g}",
-                 f"trainer.max_epochs={epochs}",
-                 f"cache_dir={cache}", "trainer.enable_progress_bar=false",
+    overrides = [*common_overrides(args), f"strategy={strategy}", f"optim.optimizer.lr={lr:g}",
+                 f"trainer.max_epochs={epochs}", f"cache_dir={cache}",
+                 "trainer.enable_progress_bar=false",
                  f"tracking.energy={str(args.energy).lower()}", *args.overrides]
     summary = run_overrides(overrides, run_dir)
     if summary["status"] != "completed":
@@ -84,6 +95,41 @@ def part_a(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "bn_passes": pc["strategy"]["precomputed"]["bn_adaptation"]["passes"]}
 
 
+def forward_pass_s(args: argparse.Namespace, tmp: Path, repeats: int = 3) -> float:
+    """Seconds of one forward pass (eval mode, no autograd) of the backbone over the training
+    images at the training batch size, as precomputed's extraction runs it: the unit of its
+    floor. Median of ``repeats`` passes after one warm-up pass."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from effbench.config import CONF_DIR
+    from effbench.hardware import torch_device
+    from effbench.run import build_run
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        # part (a)'s precomputed job, built but not run: its backbone and data, the same sizes
+        cfg = compose("config", overrides=[*common_overrides(args), "strategy=precomputed",
+                                           f"cache_dir={tmp / 'cache_floor'}",
+                                           "tracking.energy=false", *args.overrides])
+    OmegaConf.set_struct(cfg, False)
+    ctx = build_run(cfg, tmp / "floor")
+    dm, backbone = ctx.datamodule, ctx.system.backbone
+    device = torch_device(ctx.trainer_args["accelerator"])
+    backbone.to(device).eval()
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for x, _ in dm.loader("train", shuffle=False):
+                backbone(dm.normalize(x.to(device, non_blocking=True)))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    one_pass()  # warm-up (allocator, cuDNN autotuning)
+    return statistics.median(one_pass() for _ in range(repeats))
+
+
 def part_b(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     lrs = [10 ** (-2 - 2 * i / max(1, args.k - 1)) for i in range(args.k)]  # 1e-2 … 1e-4
     print(f"(b) sweep of K={args.k} learning rates, {args.sweep_epochs} epochs per job")
@@ -107,7 +153,8 @@ def part_b(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "best_acc_precomputed": max(s["metrics"]["test/acc"] for s in pc)}
 
 
-def report(args: argparse.Namespace, a: dict | None, b: dict | None) -> None:
+def report(args: argparse.Namespace, a: dict | None, b: dict | None,
+           floor: dict | None = None) -> None:
     print(f"\n== precomputed vs finetune: {args.backbone} (weights={args.weights}) on "
           f"{args.dataset} at {args.image_size} px, {torch.get_num_threads()} CPU threads ==")
     if a:
@@ -117,6 +164,11 @@ def report(args: argparse.Namespace, a: dict | None, b: dict | None) -> None:
               f"{a['precomputed_acc']:.4f}); ratio {a['ratio']:.3f}, time "
               f"-{100 * a['time_reduction']:.1f} % ({ok} the >= 85 % goal); "
               f"BN passes {a['bn_passes']}")
+    if floor:
+        print(f"    floor: (BN passes {floor['bn_passes']} + 1) x one forward pass over the "
+              f"training images {floor['forward_pass_s']:.2f} s = {floor['floor_s']:.2f} s; "
+              f"precomputed total {floor['precomputed_s']:.1f} s = {floor['floor_ratio']:.1f}x "
+              "the floor")
     if b:
         ok = "meets" if b["speedup"] >= GOALS["b_speedup"] else "MISSES"
         f = b["hit_job_fixed_costs_s"]
@@ -137,11 +189,29 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_precomputed_") as tmp:
         a = part_a(args, Path(tmp)) if args.skip != "a" else None
+        floor = None
+        if a:
+            fwd = forward_pass_s(args, Path(tmp))
+            floor_s = (a["bn_passes"] + 1) * fwd
+            floor = {"forward_pass_s": fwd, "bn_passes": a["bn_passes"], "floor_s": floor_s,
+                     "precomputed_s": a["precomputed_s"],
+                     "floor_ratio": a["precomputed_s"] / floor_s}
         b = part_b(args, Path(tmp)) if args.skip != "b" else None
-    report(args, a, b)
+    report(args, a, b, floor)
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args), "a": a, "b": b}, indent=2,
-                                        default=str))
+        args.json.write_text(json.dumps({"args": vars(args), "a": a, "b": b, "floor": floor},
+                                        indent=2, default=str))
+    print(json.dumps({
+        "time_reduction_pct": round(100 * a["time_reduction"], 2) if a else None,
+        "sweep_speedup": round(b["speedup"], 2) if b else None,
+        "floor_ratio": round(floor["floor_ratio"], 2) if floor else None,
+        "finetune_s": round(a["finetune_s"], 2) if a else None,
+        "precomputed_s": round(a["precomputed_s"], 2) if a else None,
+        "floor_s": round(floor["floor_s"], 3) if floor else None,
+        "bn_passes": a["bn_passes"] if a else None,
+        "finetune_acc": a["finetune_acc"] if a else None,
+        "precomputed_acc": a["precomputed_acc"] if a else None,
+        "sweep_k": b["k"] if b else None}))
 
 
 if __name__ == "__main__":
