@@ -80,15 +80,20 @@ def main() -> None:
     print(f"{'run':32s} {'train s':>8s} {'ratio':>6s} {'images':>7s} {'val acc':>8s} "
           f"{'test acc':>8s} {'resamples':>9s}")
     for name, s in results.items():
-        st = s["strategy"]["dynamic"]
+        st = s["strategy"].get("dynamic", {})  # finetune has no dynamic facts
         images = st.get("images_trained", args.num_train * args.epochs)
         print(f"{name:32s} {s['time_s']['train']:8.1f} {s['time_s']['train'] / base:6.2f} "
               f"{images:7d} {s['best_val'].get('val/acc', float('nan')):8.4f} "
               f"{s['metrics']['test/acc']:8.4f} {st.get('resamples', '-'):>9}")
-    print(json.dumps({n: {"train_s": round(s["time_s"]["train"], 2),
-                          "ratio": round(s["time_s"]["train"] / base, 3),
-                          "test_acc": round(s["metrics"]["test/acc"], 4)}
-                      for n, s in results.items()}))
+    runs_json = {n: {"train_s": round(s["time_s"]["train"], 2),
+                     "ratio": round(s["time_s"]["train"] / base, 3),
+                     "test_acc": round(s["metrics"]["test/acc"], 4)}
+                 for n, s in results.items()}
+    first_dynamic = next(n for n in runs if n.startswith("dynamic"))
+    # headline: the first dynamic variant's train phase / finetune's (full set), equal epochs
+    print(json.dumps({"train_phase_ratio": runs_json[first_dynamic]["ratio"],
+                      "variant": first_dynamic, "alpha": args.alpha, "epochs": args.epochs,
+                      "runs": runs_json}))
 
 
 if __name__ == "__main__":
