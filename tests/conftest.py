@@ -13,6 +13,9 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 FAST = ["trainer.enable_progress_bar=false", "tracking.country=USA"]
+# A tiny in-process job (``run_job``): synthetic data, 2 epochs, no energy tracking.
+TINY = ["dataset=synthetic", "dataset.num_train=96", "dataset.num_val=32", "dataset.num_test=32",
+        "dataset.batch_size=32", "trainer.max_epochs=2", "tracking.energy=false", *FAST]
 # A tiny multilabel job for CLI runs of strategies that report AUROC.
 TINY_MULTILABEL = ["backbone=small_cnn", "dataset=synthetic", "dataset.multilabel=true",
                    "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",
@@ -40,3 +43,54 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600,
     Path(cwd).mkdir(parents=True, exist_ok=True)
     return subprocess.run([sys.executable, "-m", "effbench.cli", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def run_job(tmp_path: Path, overrides: list[str]) -> dict:
+    """One job in this process (composed as the CLI would) into ``tmp_path/run``."""
+    from effbench.run import run_overrides
+
+    return run_overrides([*TINY, *overrides], tmp_path / "run")
+
+
+def load_summary(run_dir: Path) -> dict:
+    """``run_dir/summary.json``, validated against the schema."""
+    import json
+
+    import jsonschema
+
+    from effbench.summary import SCHEMA
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    jsonschema.validate(summary, SCHEMA)
+    return summary
+
+
+# Shrinks any preset to seconds on a CPU: one batch, 32 px, random init, no energy tracking.
+SHRINK = ["hardware=cpu", "hardware.num_workers=0", "backbone.weights=null",
+          "dataset.image_size=32", "tracking.energy=false", "trainer.max_epochs=1",
+          "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+          "trainer.limit_test_batches=1", "dataset.batch_size=8", "dataset.eval_batch_size=8",
+          "dataset.max_samples=48",
+          *FAST]
+# The studies' absolute image counts exceed the generated data (later overrides win).
+SHRINK_STRATEGY = {"dynamic": ["strategy.dynamic.alpha=0.5"],
+                   # one epoch: a later unfreezing epoch could never take effect (refused)
+                   "freeze": ["strategy.freeze.unfreeze_at_epochs=[]"]}
+# Trainer arguments a strategy refuses because its own loop cannot honour them.
+NOT_HONOURED = {"precomputed": ("trainer.limit_train_batches", "trainer.limit_val_batches")}
+
+
+def run_preset_job(tmp_path: Path, overrides: list[str]) -> dict:
+    """One job in-process, the user's overrides then the shrinking ones (unlike ``run_job``, no
+    ``dataset=synthetic`` that would beat a preset's dataset)."""
+    strategy = "+".join(compose_cfg(overrides).strategy)
+    shrink = [o for o in SHRINK if o.split("=")[0] not in NOT_HONOURED.get(strategy, ())]
+    cfg = compose_cfg([*overrides, *shrink, *SHRINK_STRATEGY.get(strategy, [])])
+    choices = dict(cfg.hydra.runtime.choices)
+    from omegaconf import OmegaConf
+
+    OmegaConf.set_struct(cfg, False)
+    del cfg["hydra"]
+    from effbench.run import run
+
+    return run(cfg, tmp_path / "run", choices, overrides)

@@ -8,44 +8,17 @@ from pathlib import Path
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 
-from effbench.run import run
-from tests.conftest import CONF, FAST, compose_cfg
+from tests.conftest import CONF, compose_cfg, run_preset_job
 from tests.data.fakes import WRITERS, write_brain_mri, write_breakhis
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-# Shrinks any preset to seconds on a CPU: one batch, 32 px, random init, no energy tracking.
-SHRINK = ["hardware=cpu", "hardware.num_workers=0", "backbone.weights=null",
-          "dataset.image_size=32", "tracking.energy=false", "trainer.max_epochs=1",
-          "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-          "trainer.limit_test_batches=1", "dataset.batch_size=8", "dataset.eval_batch_size=8",
-          "dataset.max_samples=48",
-          *FAST]
-# The studies' absolute image counts exceed the generated data (later overrides win).
-SHRINK_STRATEGY = {"dynamic": ["strategy.dynamic.alpha=0.5"],
-                   # one epoch: a later unfreezing epoch could never take effect (refused)
-                   "freeze": ["strategy.freeze.unfreeze_at_epochs=[]"]}
-# Trainer arguments a strategy refuses because its own loop cannot honour them.
-NOT_HONOURED = {"precomputed": ("trainer.limit_train_batches", "trainer.limit_val_batches")}
 # Big models whose strategy does heavy per-step or final work (pruning masks, int8 conversion).
 SLOW_STRATEGIES = {"prune", "qat"}
 
 # The smallest data of each format that still splits (precomputed passes over all of it).
 SMALL = {**WRITERS, "brain_mri": partial(write_brain_mri, per_class=6),
          "breakhis": partial(write_breakhis, patients_per_type=2, mags=("40", "100"))}
-
-
-def run_preset_job(tmp_path: Path, overrides: list[str]) -> dict:
-    """One job in-process, the user's overrides then the shrinking ones (unlike ``run_job``, no
-    ``dataset=synthetic`` that would beat a preset's dataset)."""
-    strategy = "+".join(compose_cfg(overrides).strategy)
-    shrink = [o for o in SHRINK if o.split("=")[0] not in NOT_HONOURED.get(strategy, ())]
-    cfg = compose_cfg([*overrides, *shrink, *SHRINK_STRATEGY.get(strategy, [])])
-    choices = dict(cfg.hydra.runtime.choices)
-    OmegaConf.set_struct(cfg, False)
-    del cfg["hydra"]
-    return run(cfg, tmp_path / "run", choices, overrides)
 
 
 def sweep_params(preset: str) -> dict[str, list[str]]:

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import jsonschema
 import pytest
 
-from effbench.run import run_overrides
-from effbench.summary import SCHEMA
-from tests.conftest import FAST
-
-TINY = ["dataset=synthetic", "dataset.num_train=96", "dataset.num_val=32", "dataset.num_test=32",
-        "dataset.batch_size=32", "trainer.max_epochs=2", "tracking.energy=false", *FAST]
-
-
-def run_job(tmp_path: Path, overrides: list[str]) -> dict:
-    return run_overrides([*TINY, *overrides], tmp_path / "run")
-
-
-def load_summary(run_dir: Path) -> dict:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    jsonschema.validate(summary, SCHEMA)
-    return summary
+from tests.conftest import load_summary, run_job
 
 
 @pytest.mark.parametrize("multilabel", [False, True], ids=["multiclass", "multilabel"])

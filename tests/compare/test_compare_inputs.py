@@ -18,7 +18,7 @@ import pytest
 
 from effbench.compare.facts import effective_size
 from effbench.compare.output import write_atomic
-from tests.compare.test_compare import fake_run
+from tests.compare.conftest import fake_run
 
 COMPARE = Path(__file__).resolve().parents[2] / "effbench" / "compare"
 

@@ -9,9 +9,9 @@ import torch
 
 from effbench.data.chestxray14 import LABELS, ChestXray14DataModule
 from effbench.errors import EffbenchError
+from tests.conftest import load_summary, run_preset_job
 from tests.data.fakes import write_chestxray14
 from tests.data.helpers import make
-from tests.test_run import load_summary
 
 
 def _csv(root) -> dict[str, dict]:
@@ -90,8 +90,6 @@ def test_missing_data_names_the_files(tmp_path) -> None:
 
 def test_run_reports_auroc_per_pathology(tmp_path) -> None:
     """A whole run: weighted BCE trains, the summary names every pathology's AUROC."""
-    from tests.test_experiments import run_preset_job
-
     root = write_chestxray14(tmp_path / "cxr")
     summary = run_preset_job(tmp_path, ["dataset=chestxray14", f"dataset.root={root}",
                                         "backbone=small_cnn", "trainer.max_epochs=1"])

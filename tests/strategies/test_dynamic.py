@@ -20,8 +20,7 @@ from effbench.sampling import (
     SubsetSchedule,
     resolve_alpha,
 )
-from tests.conftest import run_cli
-from tests.test_run import load_summary, run_job
+from tests.conftest import load_summary, run_cli, run_job
 
 N, ALPHA = 1000, 400
 

@@ -23,8 +23,7 @@ from effbench.strategies.freeze import (
     fully_frozen_prefix,
     is_frozen,
 )
-from tests.conftest import compose_cfg
-from tests.test_run import TINY, load_summary, run_job
+from tests.conftest import TINY, compose_cfg, load_summary, run_job
 
 R18 = ["strategy=freeze", "backbone=resnet18", "backbone.weights=null", "dataset.image_size=32",
        "dataset.num_train=64"]  # 2 batches of 32: enough to move every trainable tensor

@@ -13,8 +13,7 @@ from effbench import pipeline
 from effbench.backbones.base import Backbone
 from effbench.features.cache import FeatureCache
 from effbench.run import build_run
-from tests.conftest import compose_cfg, run_cli
-from tests.test_run import TINY, load_summary, run_job
+from tests.conftest import TINY, compose_cfg, load_summary, run_cli, run_job
 
 # ResNet-18 (random init, it has BatchNorm) at 16 px keeps every job to seconds on a CPU.
 PRE = ["strategy=precomputed", "backbone=resnet18", "backbone.weights=null",

@@ -15,8 +15,7 @@ from effbench.compression import zipped_state_dict_bytes
 from effbench.errors import EffbenchError
 from effbench.strategies.prune import PolynomialSchedule, Prune, layer_sparsity
 from effbench.summary import state_dict_bytes
-from tests.conftest import TINY_MULTILABEL, run_cli
-from tests.test_run import load_summary, run_job
+from tests.conftest import TINY_MULTILABEL, load_summary, run_cli, run_job
 
 SMALL = ["strategy=prune", "backbone=small_cnn", "dataset.multilabel=true"]
 

@@ -12,8 +12,7 @@ from torchao.quantization.pt2e import FakeQuantizeBase
 from effbench.compression import module_bytes
 from effbench.errors import EffbenchError
 from effbench.strategies.qat import Qat, agreement, convert_int8, lower_x86, prepare_qat
-from tests.conftest import TINY_MULTILABEL, run_cli
-from tests.test_run import load_summary, run_job
+from tests.conftest import TINY_MULTILABEL, load_summary, run_cli, run_job
 
 SMALL = ["strategy=qat", "backbone=small_cnn", "dataset.multilabel=true", "dataset.num_test=40",
          "strategy.qat.latency_min_time=0.1"]
