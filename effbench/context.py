@@ -140,6 +140,7 @@ class RunContext:
     record: RunRecord = field(default_factory=RunRecord)
     world_size: int = 1
     recipe: Any = None  # effbench.recipe.Recipe: optimizer, scheduler, early stopping, checkpoint
+    plan: Any = None  # effbench.hardware.HardwarePlan: resolved once, read by everything
     techniques: list = field(default_factory=list)  # the stack, in the order they act
     resume: dict[str, Any] | None = None  # {"path", "epoch", "run_dir"} of the checkpoint
     history_rows: list[dict[str, str]] = field(default_factory=list)  # CSV rows before a resume
@@ -191,9 +192,7 @@ class RunContext:
                   "callbacks": [*callbacks, self.record, EpochSeed(int(self.cfg.seed))],
                   "plugins": [AtomicCheckpointIO()], "default_root_dir": str(self.run_dir)}
         kwargs.update(overrides)
-        trainer = pl.Trainer(**kwargs)
-        self.world_size = trainer.world_size
-        return trainer
+        return pl.Trainer(**kwargs)
 
 
 def _copy_events(src: Path, dst: Path) -> None:

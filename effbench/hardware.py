@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,6 +79,51 @@ def trainer_kwargs(hardware: DictConfig, trainer: DictConfig, required_precision
         "precision": plan_precision(str(trainer.precision), accelerator, required_precision,
                                     explicit_precision, who),
     }
+
+
+@dataclass(frozen=True)
+class HardwarePlan:
+    """Everything about the machine a run uses, resolved once before anything is built; the
+    techniques, the system and the Trainer read it instead of patching configs at run time."""
+
+    accelerator: str
+    devices: Any
+    strategy: str
+    precision: str
+    num_nodes: int
+    world_size: int
+    torch_device: torch.device
+    channels_last: bool
+    lr_scale: float
+    cpu_threads: int
+
+    def trainer_args(self) -> dict[str, Any]:
+        return {"accelerator": self.accelerator, "devices": self.devices,
+                "strategy": self.strategy, "precision": self.precision}
+
+
+def world_size(accelerator: str, devices: Any, num_nodes: int) -> int:
+    """Processes of the run: devices per node (``auto``: every GPU, or one CPU process) × nodes."""
+    wanted = _wanted_devices(devices)
+    if wanted is None:
+        wanted = torch.cuda.device_count() if accelerator == "gpu" else 1
+    return max(1, wanted) * max(1, num_nodes)
+
+
+def resolve_plan(hardware: DictConfig, trainer: DictConfig, required_precision: str | None = None,
+                 explicit_precision: bool = False, who: str = "this strategy") -> HardwarePlan:
+    """The hardware plan: preset + trainer.* overrides + a technique's precision requirement."""
+    args = trainer_kwargs(hardware, trainer, required_precision, explicit_precision, who)
+    nodes = int(trainer.get("num_nodes") or 1)
+    world = world_size(args["accelerator"], args["devices"], nodes)
+    threads = apply_cpu_threads(hardware, args)
+    # hardware.lr_scaling=linear: lr × world size (the effective batch grows with it).
+    scale = float(world) if hardware.lr_scaling == "linear" else 1.0
+    return HardwarePlan(accelerator=args["accelerator"], devices=args["devices"],
+                        strategy=args["strategy"], precision=args["precision"], num_nodes=nodes,
+                        world_size=world, torch_device=torch_device(args["accelerator"]),
+                        channels_last=bool(hardware.channels_last), lr_scale=scale,
+                        cpu_threads=threads)
 
 
 def apply_cpu_threads(hardware: DictConfig, plan: dict[str, Any]) -> int:

@@ -22,7 +22,7 @@ from effbench.config import techniques as techniques_label
 from effbench.context import RunContext, RunRecord
 from effbench.data.base import ImageDataModule
 from effbench.errors import EffbenchError, user_message
-from effbench.hardware import apply_cpu_threads, device_name, trainer_kwargs
+from effbench.hardware import device_name, resolve_plan
 from effbench.loggers import finish_loggers, quiet_third_party
 from effbench.losses import build_loss
 from effbench.pipeline import build_techniques, check_compatible, requirement
@@ -53,10 +53,8 @@ def build_context(cfg: DictConfig, run_dir: Path, techniques: list[Technique], r
     """Data, backbone, head, loss and the Lightning system, ready for the techniques."""
     needed = requirement(techniques, "requires_precision")
     who = next((f"strategy={t.name}" for t in techniques if t.requires_precision), "")
-    targs = trainer_kwargs(cfg.hardware, cfg.trainer, needed,
-                           explicit_precision=_set_by_user("trainer.precision", overrides),
-                           who=who)
-    apply_cpu_threads(cfg.hardware, targs)
+    plan = resolve_plan(cfg.hardware, cfg.trainer, needed,
+                        explicit_precision=_set_by_user("trainer.precision", overrides), who=who)
     backbone = instantiate(cfg.backbone, image_size=cfg.dataset.image_size)
     dm: ImageDataModule = instantiate(cfg.dataset, _convert_="all")
     dm.shuffle_seed = int(cfg.seed)
@@ -65,13 +63,14 @@ def build_context(cfg: DictConfig, run_dir: Path, techniques: list[Technique], r
     head = backbone.build_head(dm.num_classes)  # backbone.head: linear | mlp (the study's)
     counts = dm.class_counts("train")
     loss = build_loss(dm.task, counts, len(dm.labels["train"]), recipe.class_weights)
-    optim = {"factory": recipe.optimizer, "lr": recipe.lr, "lr_scaling": cfg.hardware.lr_scaling}
+    optim = {"factory": recipe.optimizer, "lr": recipe.lr, "lr_scale": plan.lr_scale}
     system = ClassifierSystem(backbone, head, loss, dm.task, dm.class_names, optim,
                               recipe.scheduler, recipe.monitor)
-    if cfg.hardware.channels_last:
+    if plan.channels_last:
         system = system.to(memory_format=torch.channels_last)
-    return RunContext(cfg=cfg, run_dir=run_dir, datamodule=dm, system=system, trainer_args=targs,
-                      recipe=recipe)
+    return RunContext(cfg=cfg, run_dir=run_dir, datamodule=dm, system=system,
+                      trainer_args=plan.trainer_args(), recipe=recipe, plan=plan,
+                      world_size=plan.world_size)
 
 
 def build_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> RunContext:

@@ -79,10 +79,8 @@ class ClassifierSystem(pl.LightningModule):
         self.test_results = {"scalars": scalars, "per_class": per_class}
 
     def scaled_lr(self) -> float:
-        """``hardware.lr_scaling=linear``: lr × world size (the effective batch grows with it)."""
-        world = self._trainer.world_size if self._trainer is not None else 1
-        factor = world if self.optim.get("lr_scaling") == "linear" else 1
-        return float(self.optim["lr"]) * factor
+        """The recipe's lr × the plan's scale (the world size with hardware.lr_scaling=linear)."""
+        return float(self.optim["lr"]) * float(self.optim.get("lr_scale", 1.0))
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -74,19 +74,28 @@ def test_class_weighted_bce_formula() -> None:
 
 @pytest.mark.parametrize(("scaling", "expected"), [("linear", 4e-3), ("none", 1e-3)])
 def test_lr_scaled_by_world_size(scaling: str, expected: float) -> None:
+    """The hardware plan resolves the world size once (4 CPU ranks) and the lr scale with it."""
     from functools import partial
-    from types import SimpleNamespace
 
     import torch
     from torch import nn
 
+    from effbench.hardware import resolve_plan
     from effbench.losses import CrossEntropy
     from effbench.system import ClassifierSystem
+    from tests.conftest import compose_cfg
 
-    optim = {"factory": partial(torch.optim.Adam), "lr": 1e-3, "lr_scaling": scaling}
+    cfg = compose_cfg(["hardware=cpu", "trainer.devices=4", "trainer.strategy=ddp",
+                       f"hardware.lr_scaling={scaling}"])
+    threads = torch.get_num_threads()
+    try:
+        plan = resolve_plan(cfg.hardware, cfg.trainer)
+    finally:
+        torch.set_num_threads(threads)
+    assert plan.world_size == 4
+    optim = {"factory": partial(torch.optim.Adam), "lr": 1e-3, "lr_scale": plan.lr_scale}
     system = ClassifierSystem(nn.Flatten(), nn.Linear(4, 2), CrossEntropy(), "multiclass",
                               ["a", "b"], optim, None)
-    system._trainer = SimpleNamespace(world_size=4)
     opt = system.configure_optimizers()
     assert isinstance(opt, torch.optim.Adam)
     assert opt.param_groups[0]["lr"] == pytest.approx(expected)

@@ -29,7 +29,6 @@ from effbench.features.cache import FeatureCache, FeatureKeys, feature_keys
 from effbench.features.extract import extract_features, train_batches
 from effbench.features.head_training import HeadTraining, cpu_threads, evaluate_head, train_head
 from effbench.features.heads import build_head
-from effbench.hardware import torch_device
 from effbench.strategies.base import Technique
 from effbench.summary import state_dict_bytes
 
@@ -83,7 +82,7 @@ class Precomputed(Technique):
         backbone.requires_grad_(False)
 
     def fit(self, ctx: RunContext) -> None:
-        device = torch_device(ctx.trainer_args["accelerator"])
+        device = ctx.plan.torch_device
         ctx.system.to(device)
         feats = self._adapt_and_extract(ctx, device)
         with ctx.phase("train"):
