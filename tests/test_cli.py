@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import torch
-
 from tests.conftest import run_cli
 
 QUICK = ["trainer.enable_progress_bar=false", "tracking.energy=false"]
@@ -55,38 +52,7 @@ def test_ddp_two_processes_one_summary(tmp_path: Path) -> None:
     assert summary["hardware"]["world_size"] == 2
 
 
-def _bad_weights(tmp_path: Path) -> str:
-    from effbench.backbones import build_backbone
-
-    path = tmp_path / "cifar_cnn14.pt"
-    torch.save(build_backbone("cifar_cnn14").state_dict(), path)
-    return str(path)
-
-
-ERRORS = [
-    (["strategy=nosuch"], "strategy"),
-    (["optim.optimizer.lr=0"], "optim.optimizer.lr=0"),
-    (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
-    (["dataset.image_size=4"], "dataset.image_size=4"),
-    (["dataset=cifar10", "dataset.root=/nonexistent/cifar"], "cifar-10-batches-py"),
-    (["backbone.weights=WEIGHTS"], "cifar_cnn14.pt"),
-    (["dataset.val_ratio=0.6", "dataset.test_ratio=0.5"], "dataset.val_ratio"),
-]
-if not torch.cuda.is_available():
-    ERRORS.append((["hardware=t4"], "hardware=t4 needs 1 CUDA GPU"))
-
-
-@pytest.mark.parametrize(("args", "needle"), ERRORS, ids=[" ".join(a) for a, _ in ERRORS])
-def test_bad_input_one_sentence_nonzero_exit(tmp_path: Path, args: list[str],
-                                             needle: str) -> None:
-    args = [a.replace("WEIGHTS", _bad_weights(tmp_path)) for a in args]
-    base = TINY
-    if any(a.startswith("dataset=") for a in args):  # another dataset: drop synthetic's keys
-        base = [a for a in TINY if not a.startswith("dataset")]
-    res = run_cli([*base, *args], cwd=tmp_path, timeout=300)
-    assert res.returncode != 0
-    assert needle in res.stderr, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
+# Bad input through the CLI: tests/test_bad_input.py (every case, one place).
 
 
 def test_failed_run_leaves_earlier_runs_untouched(tmp_path: Path) -> None:
