@@ -48,6 +48,7 @@ def _freeze(s: dict) -> None:
 def _prune(s: dict) -> None:
     p = s["strategy"]["prune"]
     assert p["schedule_completed"] and p["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert p["target_coverage"] == 1.0  # scope=conv: every conv layer has the target
     assert s["model"]["size_bytes_compressed"] < s["model"]["size_bytes"]
 
 
