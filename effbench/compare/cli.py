@@ -11,6 +11,7 @@ from effbench.compare.group import DEFAULT_BASELINE, compare
 from effbench.compare.load import find_summaries, load_runs
 from effbench.compare.output import prepare_out
 from effbench.compare.plots import write_plots
+from effbench.compare.search import search_cost, search_text
 from effbench.compare.table import terminal_text, write_tables
 from effbench.errors import EffbenchError
 
@@ -39,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--best-so-far", action="store_true",
                    help="learning curves as the running best (the dynamic study's elitism)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--search-cost", default=None, metavar="KEY",
+                   help="the cost of a hyper-parameter search per value of KEY (e.g. strategy): "
+                        "summed training time, best job by --metric (default val/acc), N× faster")
     return p
 
 
@@ -55,6 +59,10 @@ def run(argv: list[str] | None = None) -> int:
     runs = load_runs(args.paths)
     for path, why in runs.attrs["skipped"]:  # said before any error below, and in compare.md
         print(f"effbench-compare: warning: skipped {path}: {why}.", file=sys.stderr)
+    if args.search_cost:
+        table = search_cost(runs, args.search_cost, args.metric or "val/acc")
+        print(search_text(table, args.search_cost))
+        return 0
     comp = compare(runs, metric=args.metric, by=by, baseline=args.baseline)
     out = prepare_out(args.out or default_out(args.paths[0]))
     images, skipped = ([], []) if args.no_plots else write_plots(comp, out, args.best_so_far)
