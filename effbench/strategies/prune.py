@@ -206,20 +206,46 @@ def _pruned(module: nn.Module) -> int:
     return int((module.weight_mask == 0).sum())
 
 
+def _scores(module: nn.Module) -> torch.Tensor:
+    """|weight| of the unmasked weights; the masked ones rank first (−1), so they stay masked."""
+    mask = module.weight_mask.detach().flatten()
+    scores = module.weight_orig.detach().abs().flatten().float().clone()
+    return scores.masked_fill_(mask == 0, -1.0)
+
+
+def _mask_smallest(modules: list[nn.Module], scores: torch.Tensor, k: int) -> None:
+    """Masks the ``k`` smallest scores, writing each layer's mask in place.
+
+    Written here rather than with ``prune.l1_unstructured``: every call of that stacks another
+    PruningContainer and ranks with a full ``topk`` of the amount, about 10× slower per update on
+    resnet18's largest layers (an update every 0.05 epochs made training 15× slower); one
+    ``topk`` over the scores and an in-place mask keep the checkpoint keys (weight_orig,
+    weight_mask) and the masks' identity.
+    """
+    flat = torch.ones_like(scores)
+    flat[torch.topk(scores, k, largest=False, sorted=False).indices] = 0.0
+    start = 0
+    for m in modules:
+        n = m.weight_mask.numel()
+        m.weight_mask.copy_(flat[start:start + n].view_as(m.weight_mask))
+        # What torch's pruning hook does before each forward: weight = weight_orig × mask now.
+        m.weight = m.weight_orig * m.weight_mask
+        start += n
+
+
 def prune_layer_to(module: nn.Module, sparsity: float) -> None:
     """Masks the smallest-magnitude unmasked weights until ``sparsity`` of the layer is masked."""
-    extra = round(sparsity * module.weight_mask.numel()) - _pruned(module)
-    if extra > 0:
-        prune.l1_unstructured(module, "weight", amount=extra)
+    k = round(sparsity * module.weight_mask.numel())
+    if k > _pruned(module):
+        _mask_smallest([module], _scores(module), k)
 
 
 def prune_global_to(modules: list[nn.Module], sparsity: float) -> None:
     """Like :func:`prune_layer_to` but ranks the weights of all ``modules`` together."""
     total = sum(m.weight_mask.numel() for m in modules)
-    extra = round(sparsity * total) - sum(_pruned(m) for m in modules)
-    if extra > 0:
-        prune.global_unstructured([(m, "weight") for m in modules],
-                                  pruning_method=prune.L1Unstructured, amount=extra)
+    k = round(sparsity * total)
+    if k > sum(_pruned(m) for m in modules):
+        _mask_smallest(modules, torch.cat([_scores(m) for m in modules]), k)
 
 
 class ChannelPruning(GradualPruning):
