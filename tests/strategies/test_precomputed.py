@@ -29,7 +29,11 @@ def test_end_to_end(tmp_path: Path, multilabel: bool) -> None:
     st = s["strategy"]["precomputed"]
     assert st["cache_hit"] is False and not any(st["cache"]["hits"].values())
     bn = st["bn_adaptation"]
-    assert bn["passes"] >= 1 and bn["converged"] and not bn["from_cache"] and bn["time_s"] > 0
+    # EMA statistics (default): passes until the change < threshold, or bn_max_passes; each pass
+    # recorded with its relative change.
+    assert 1 <= bn["passes"] <= 10 and len(bn["changes"]) == bn["passes"]
+    assert bn["converged"] == (bn["passes"] < 10 or (bn["changes"][-1] or 1) < 0.01)
+    assert not bn["from_cache"] and bn["time_s"] > 0
     assert all(Path(p).is_file() for p in st["cache"]["paths"].values())
     # Only the head trains; the model is the adapted backbone + the MLP head.
     assert s["model"]["params_trainable"] == s["model"]["head_params"] < s["model"]["params_total"]
