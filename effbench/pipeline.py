@@ -52,6 +52,9 @@ def _shared_exclusive(a: Technique, b: Technique) -> str | None:
         return f"both replace the training {what}, and a run has only one"
     if (a.replaces_loop and b.acts_on) or (b.replaces_loop and a.acts_on):
         loop, other = (a, b) if a.replaces_loop else (b, a)
+        if "backbone_grad" in other.needs:
+            return (f"{other.name} needs gradients through the backbone, which {loop.name} "
+                    "never computes (it trains a head on cached features)")
         return (f"{loop.name} trains in its own loop, where {other.name}'s "
                 f"{'/'.join(sorted(other.acts_on))} changes would never act")
     return None

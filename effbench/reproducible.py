@@ -20,7 +20,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 
-from effbench.rundir import fsync_dir
+from effbench.rundir import publish
 
 
 class EpochSeed(Callback):
@@ -40,11 +40,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            with tmp.open("wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            torch.save(checkpoint, tmp)
+            publish(tmp, target)  # fsync, rename, folder fsync
         finally:
             tmp.unlink(missing_ok=True)
-        fsync_dir(target.parent)

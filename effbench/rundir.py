@@ -21,29 +21,44 @@ from effbench.errors import EffbenchError
 LOCK_NAME = ".effbench.lock"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def umask() -> int:
+    """The process umask. Read from /proc where it is listed: ``os.umask`` can only read it by
+    setting it, and a file created meanwhile by another thread would get the temporary value."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def publish(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Give ``tmp`` the mode a plain ``open()`` would have (``tempfile.mkstemp`` makes 0600, which
+    hides a shared file from the user's group), flush it to disk, rename it to ``target`` and
+    fsync the folder: readers see the old file, none, or the complete new one, also after a power
+    cut."""
+    os.chmod(tmp, 0o666 & ~umask())
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    fsync_dir(Path(target).parent)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename + folder fsync; the file gets the user's umask (mkstemp would
-    make it 0600, unreadable for the rest of a lab sharing the folder)."""
+    """Temp file in the same folder, then :func:`publish`; the temp file goes on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

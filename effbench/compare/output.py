@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from effbench.errors import EffbenchError
+from effbench.rundir import publish
 
 
 def prepare_out(out: Path) -> Path:
@@ -27,13 +28,6 @@ def prepare_out(out: Path) -> Path:
     return out
 
 
-def _umask() -> int:
-    # The only portable way to read the umask is to set it; compare is single-threaded.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` fills a temp file in the same folder, then ``os.replace`` puts it in place.
 
@@ -48,8 +42,7 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        publish(tmp, path)  # the user's umask, fsync, rename
     except OSError as err:  # disk full, folder gone: the user's to fix, not a bug
         tmp.unlink(missing_ok=True)
         raise EffbenchError(f"cannot write {path} ({err.strerror or err}); pass a writable "

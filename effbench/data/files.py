@@ -38,9 +38,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from effbench.backbones.base import Preprocessing
 from effbench.data.base import ImageDataModule
-from effbench.data.fileio import publish
 from effbench.data.imagefolder import ImageFiles, readable_mask, warn_unreadable
 from effbench.errors import EffbenchError
+from effbench.rundir import publish
 
 log = logging.getLogger(__name__)
 

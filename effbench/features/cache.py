@@ -26,7 +26,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from effbench.data.fileio import publish
+from effbench.rundir import publish
 
 log = logging.getLogger(__name__)
 
