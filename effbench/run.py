@@ -55,11 +55,15 @@ def build_context(cfg: DictConfig, run_dir: Path, techniques: list[Technique], r
     who = next((f"strategy={t.name}" for t in techniques if t.requires_precision), "")
     plan = resolve_plan(cfg.hardware, cfg.trainer, needed,
                         explicit_precision=_set_by_user("trainer.precision", overrides), who=who)
-    backbone = instantiate(cfg.backbone, image_size=cfg.dataset.image_size)
-    dm: ImageDataModule = instantiate(cfg.dataset, _convert_="all")
-    dm.shuffle_seed = int(cfg.seed)
-    dm.configure(backbone.preprocessing.with_size(cfg.dataset.image_size))
-    dm.setup()
+    cached = _cached_parts(cfg, techniques)
+    if cached is not None:
+        backbone, dm = cached
+    else:
+        backbone = instantiate(cfg.backbone, image_size=cfg.dataset.image_size)
+        dm = instantiate(cfg.dataset, _convert_="all")
+        dm.shuffle_seed = int(cfg.seed)
+        dm.configure(backbone.preprocessing.with_size(cfg.dataset.image_size))
+        dm.setup()
     head = backbone.build_head(dm.num_classes)  # backbone.head: linear | mlp (the study's)
     counts = dm.class_counts("train")
     loss = build_loss(dm.task, counts, len(dm.labels["train"]), recipe.class_weights)
@@ -71,6 +75,19 @@ def build_context(cfg: DictConfig, run_dir: Path, techniques: list[Technique], r
     return RunContext(cfg=cfg, run_dir=run_dir, datamodule=dm, system=system,
                       trainer_args=plan.trainer_args(), recipe=recipe, plan=plan,
                       world_size=plan.world_size)
+
+
+def _cached_parts(cfg: DictConfig, techniques: list[Technique],
+                  ) -> tuple[torch.nn.Module, ImageDataModule] | None:
+    """A technique that can serve the job from a cache (precomputed's index hit) returns a
+    stand-in backbone and a labels-only datamodule: no image decoded, no backbone built. An
+    optional hook (``cached_parts``), looked up by name: only precomputed has one."""
+    for t in techniques:
+        hook = getattr(t, "cached_parts", None)
+        parts = hook(cfg) if hook is not None else None
+        if parts is not None:
+            return parts
+    return None
 
 
 def build_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> RunContext:

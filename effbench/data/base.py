@@ -9,6 +9,7 @@ from disk); normalisation and flip augmentation run as batched tensor ops on the
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -186,6 +187,16 @@ class ImageDataModule(pl.LightningDataModule):
                 "test_ratio": self.test_ratio, "max_samples": self.max_samples,
                 "sizes": {s: len(self.labels[s]) for s in self.labels},
                 "preprocessing": self.preprocessing.as_dict() if self.preprocessing else None}
+
+    def source_files(self) -> list[Path]:
+        """The files (or folders) the images are read from, for a decode-free fingerprint of the
+        data (``effbench.features.lookup``); generated data has none (its options say it all)."""
+        return [Path(str(self.root)).expanduser()] if self.root else []
+
+    def restore_labels(self, labels: dict[str, torch.Tensor], class_names: list[str]) -> None:
+        """Labels and class names from a cache of derived data, without decoding an image:
+        :meth:`describe` and :meth:`class_counts` answer; a loader still decodes on first use."""
+        self.labels, self.class_names = dict(labels), list(class_names)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

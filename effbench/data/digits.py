@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
+from pathlib import Path
+
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
@@ -11,6 +14,9 @@ from effbench.data.base import ImageDataModule, split_indices
 
 class DigitsDataModule(ImageDataModule):
     """No official split: a stratified, seeded train/val/test split (ratios configurable)."""
+
+    def source_files(self) -> list[Path]:
+        return [Path(str(files("sklearn.datasets.data") / "digits.csv.gz"))]
 
     def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         bunch = load_digits()

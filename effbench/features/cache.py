@@ -94,8 +94,12 @@ def feature_keys(data_key: dict, labels: dict[str, torch.Tensor], backbone: nn.M
 class FeatureCache:
     """Files under ``<root>/features``: :meth:`load` / :meth:`store` payload dicts by key."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.dir = Path(root).expanduser() / "features"
+    def __init__(self, root: str | os.PathLike, folder: str = "features") -> None:
+        self.dir = Path(root).expanduser() / folder
+
+    def index(self) -> FeatureCache:
+        """The decode-free index (``effbench.features.lookup``): small entries in a sub-folder."""
+        return FeatureCache(self.dir, "index")
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.pt"

@@ -10,34 +10,115 @@ Phases (each timed in ``summary["time_s"]``):
    adapted BN statistics and the features and never runs the backbone;
 3. ``train`` — the head (``mlp``: Linear → BatchNorm1d → ReLU → Dropout → Linear, or ``linear``)
    trained as tensor ops on the cached features with the ambiguity-weighted loss;
-4. ``eval`` — the final model (adapted backbone + head) tested on the test images like any run
-   (``eval_on=model``), or the head on the cached test features (``eval_on=features``).
+4. ``eval`` — the head on the cached test features (``eval_on=features``, the default), or the
+   final model (adapted backbone + head) on the test images (``eval_on=model``).
+
+The cache-hit fast path: before anything is built, ``run.build_context`` asks
+:meth:`Precomputed.cached_parts`, which computes the decode-free lookup key
+(``effbench.features.lookup``) and, on an index hit, loads the cached features, labels and BN
+record and hands back a labels-only datamodule and a stand-in backbone: the job decodes no image,
+builds no backbone and runs no backbone forward. The backbone is built only when something needs
+it, by :meth:`Precomputed.ensure_backbone` (same RNG state as the original build, its weights
+checked against the digest in the content key, then the cached adapted BN statistics loaded).
+
+Why ``eval_on=features`` is the default: the cached test features *are* the adapted backbone's
+eval-mode outputs on the test images, so the head on them gives the final model's test metrics
+without a backbone pass. That is not taken on trust: the job that writes an index entry runs the
+final model on the test images once and records the comparison (logits and metrics) in the
+entry, and every hit job's summary carries that proof (``equivalence``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
+import random
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
+from torch import nn
 
+from effbench.backbones.base import Preprocessing
 from effbench.errors import EffbenchError
 from effbench.features.bn_adapt import BNAdaptResult, adapt_batchnorm, bn_state
-from effbench.features.cache import FeatureCache, FeatureKeys, feature_keys
+from effbench.features.cache import FeatureCache, FeatureKeys, feature_keys, module_digest
 from effbench.features.extract import extract_features, train_batches
 from effbench.features.head_training import HeadTraining, cpu_threads, evaluate_head, train_head
 from effbench.features.heads import build_head
+from effbench.features.lookup import lookup_key, lookup_parts
 from effbench.strategies.base import Technique
 from effbench.summary import state_dict_bytes
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from effbench.context import RunContext
+    from effbench.data.base import ImageDataModule
 
 log = logging.getLogger(__name__)
 
-EVAL_ON = ("model", "features")
+EVAL_ON = ("features", "model")
+SPLITS = ("train", "val", "test")
+# Largest |Δ logit| between the head on cached test features and the final model on the test
+# images that still counts as the same model (fp32 rounding of the same ops is ~1e-6).
+EQUIVALENCE_ATOL = 1e-4
+
+
+class CachedBackbone(nn.Module):
+    """Stands in for the backbone of a cache-hit job: its facts, no weights, no forward.
+
+    ``Precomputed.ensure_backbone(ctx)`` replaces it with the real adapted backbone when
+    something needs one."""
+
+    def __init__(self, facts: dict[str, Any], preprocessing: Preprocessing) -> None:
+        super().__init__()
+        self.name, self.weights = facts["name"], facts["weights"]
+        self.feature_dim, self.preprocessing = int(facts["feature_dim"]), preprocessing
+        self.facts = facts
+
+    def build_head(self, num_classes: int) -> nn.Module:
+        return nn.Identity()  # precomputed puts its own head in configure_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this precomputed job was served from the feature cache and has no "
+                           "backbone; call Precomputed.ensure_backbone(ctx) first")
+
+
+@dataclass
+class CacheHit:
+    """What an index hit loaded: the index entry, features per split, the BN entry."""
+
+    lookup: str
+    entry: dict[str, Any]
+    feats: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    bn: dict[str, Any] | None
+
+
+@contextmanager
+def _rng_kept():
+    """Run a block that reseeds without changing the caller's python / numpy / torch RNGs."""
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+
+
+def build_backbone_as_run_does(cfg: DictConfig) -> nn.Module:
+    """The backbone exactly as ``run()`` builds it (seeded, then built first), RNGs untouched."""
+    with _rng_kept():
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        return instantiate(cfg.backbone, image_size=cfg.dataset.image_size)
 
 
 class Precomputed(Technique):
@@ -60,7 +141,7 @@ class Precomputed(Technique):
                  dropout: float = 0.3, ambiguity_weight: float = 1.0, bn_adapt: bool = True,
                  bn_threshold: float = 0.01, bn_max_passes: int = 10,
                  bn_momentum: float | None = 0.1, head_batch_size: int | None = None,
-                 eval_on: str = "model", head_threads: int | None = None,
+                 eval_on: str = "features", head_threads: int | None = None,
                  ) -> None:
         super().__init__(name)
         # CPU threads for head training (null: torch's default). 1 helps on an oversubscribed
@@ -71,20 +152,99 @@ class Precomputed(Technique):
         self.bn_threshold, self.bn_max_passes, self.bn_momentum = (bn_threshold, bn_max_passes,
                                                                    bn_momentum)
         self.head_batch_size, self.eval_on = head_batch_size, eval_on
+        self._hit: CacheHit | None = None
+        self._lookup: str | None = None
+        self._fast: dict[str, Any] = {}
+        self._costs: dict[str, float] = {}
+        self._keys: FeatureKeys | None = None
+
+    # -- the cache-hit fast path (called by run.build_context before it builds anything) ------
+    def cached_parts(self, cfg: DictConfig) -> tuple[nn.Module, ImageDataModule] | None:
+        """On an index hit: a stand-in backbone and a labels-only datamodule (nothing decoded,
+        nothing built); None sends the job down the ordinary path."""
+        self._check()
+        start = time.perf_counter()
+        dm: ImageDataModule = instantiate(cfg.dataset, _convert_="all")
+        refused = ("eval_on=model tests the model on the images" if self.eval_on == "model"
+                   else "a resumed run" if cfg.get("resume") else None)
+        parts = lookup_parts(cfg, dm.source_files(), type(dm), self._bn_settings(dm.batch_size))
+        self._lookup = lookup_key(parts) if parts else None
+        self._costs["lookup"] = time.perf_counter() - start
+        if refused or self._lookup is None:
+            self._fast = {"used": False, "why": refused or "the data or weights files are not "
+                          "there to fingerprint"}
+            return None
+        start = time.perf_counter()
+        self._hit = self._load_hit(FeatureCache(cfg.cache_dir), self._lookup)
+        self._costs["load"] = time.perf_counter() - start
+        if self._hit is None:
+            self._fast = {"used": False, "why": "no complete index entry (first job)"}
+            return None
+        entry = self._hit.entry
+        pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in json.loads(entry["preprocessing"]).items()})
+        dm.shuffle_seed = int(cfg.seed)
+        dm.configure(pre)
+        dm.restore_labels({s: y for s, (_, y) in self._hit.feats.items()},
+                          list(entry["class_names"]))
+        self._fast = {"used": True, "index": self._lookup}
+        return CachedBackbone(json.loads(entry["backbone"]), pre), dm
+
+    def _load_hit(self, cache: FeatureCache, lookup: str) -> CacheHit | None:
+        entry = cache.index().load(lookup)
+        if entry is None or not json.loads(entry.get("equivalence") or "{}").get("ok"):
+            return None
+        keys = entry["keys"]
+        feats = {}
+        for split in SPLITS:
+            stored = cache.load(keys[split])
+            if stored is None:
+                return None
+            feats[split] = (stored["features"], stored["labels"])
+        bn = cache.load(keys["bn"]) if entry["bn_adapted"] else None
+        if entry["bn_adapted"] and bn is None:
+            return None
+        return CacheHit(lookup, entry, feats, bn)
+
+    def ensure_backbone(self, ctx: RunContext) -> nn.Module:
+        """The adapted backbone in ``ctx.system.backbone``: after a fast-path hit it is built
+        now, as ``run()`` built it (same seed, built first), checked against the weights digest
+        of the cache's content key, and given the cached adapted BN statistics. Idempotent."""
+        current = ctx.system.backbone
+        if not isinstance(current, CachedBackbone):
+            return current
+        backbone = build_backbone_as_run_does(ctx.cfg)
+        if module_digest(backbone) != current.facts["digest"]:
+            raise EffbenchError("the backbone rebuilt for this cached precomputed job differs "
+                                "from the one whose features are cached; rerun with "
+                                "strategy.precomputed.eval_on=model to rebuild the cache entry.")
+        if self._hit is not None and self._hit.bn is not None:
+            backbone.load_state_dict(self._hit.bn["state"], strict=False)
+        backbone.requires_grad_(False)
+        if ctx.plan is not None and ctx.plan.channels_last:
+            backbone = backbone.to(memory_format=torch.channels_last)
+        ctx.system.backbone = backbone.to(ctx.system.device)
+        return ctx.system.backbone
 
     # -- hooks --------------------------------------------------------------------------------
     def configure_model(self, ctx: RunContext) -> None:
         self._check()
         backbone = ctx.system.backbone
-        ctx.system.head = build_head(self.head, backbone.feature_dim, ctx.datamodule.num_classes,
-                                     self.hidden, self.dropout)
+        # Seeded here so the head starts the same whether or not a backbone was built before it.
+        with _rng_kept():
+            torch.manual_seed(int(ctx.cfg.seed))
+            ctx.system.head = build_head(self.head, backbone.feature_dim,
+                                         ctx.datamodule.num_classes, self.hidden, self.dropout)
         # The backbone never receives gradients: only the head's parameters count as trainable.
         backbone.requires_grad_(False)
 
     def fit(self, ctx: RunContext) -> None:
         device = ctx.plan.torch_device
         ctx.system.to(device)
-        feats = self._adapt_and_extract(ctx, device)
+        if self._hit is not None:
+            feats = self._from_hit(ctx)
+        else:
+            feats = self._adapt_and_extract(ctx, device)
         with ctx.phase("train"):
             self._train(ctx, feats, device)
         with ctx.phase("eval"):
@@ -93,14 +253,29 @@ class Precomputed(Technique):
     def headline(self, summary: dict[str, Any]) -> str | None:
         s = self.facts(summary)
         bn = s.get("bn_adaptation") or {}
-        return (f"cache {'hit' if s.get('cache_hit') else 'miss (features computed)'}   "
-                f"BN passes {bn.get('passes', 'n/a')}   head trained on {s.get('train_images')} "
-                "feature vectors")
+        how = "hit" if s.get("cache_hit") else "miss (features computed)"
+        if (s.get("fast_path") or {}).get("used"):
+            how = "hit (no image decoded, no backbone built)"
+        return (f"cache {how}   BN passes {bn.get('passes', 'n/a')}   head trained on "
+                f"{s.get('train_images')} feature vectors")
 
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         head = ctx.system.head
-        return {"model": {"head_params": sum(p.numel() for p in head.parameters()),
-                          "head_size_bytes": state_dict_bytes(head)}}
+        model: dict[str, Any] = {"head_params": sum(p.numel() for p in head.parameters()),
+                                 "head_size_bytes": state_dict_bytes(head)}
+        backbone = ctx.system.backbone
+        if isinstance(backbone, CachedBackbone):
+            # The backbone's numbers recorded when the entry was made; size within ~1 KB of
+            # torch.save of the whole model (two archives' headers instead of one).
+            facts = backbone.facts
+            model["params_total"] = facts["params"] + sum(
+                p.numel() for p in ctx.system.parameters())
+            model["size_bytes"] = facts["size_bytes"] + state_dict_bytes(ctx.system)
+        costs = {**self._costs, "setup": ctx.times.get("setup", 0.0),
+                 "eval": ctx.times.get("eval", 0.0)}
+        return {"model": model, "fast_path": dict(self._fast),
+                "fixed_costs_s": {**ctx.extra.get(self.name, {}).get("fixed_costs_s", {}),
+                                  **costs}}
 
     # -- phases -------------------------------------------------------------------------------
     def _check(self) -> None:
@@ -130,16 +305,34 @@ class Precomputed(Technique):
                                 f"strategy.precomputed.head_batch_size={self.head_batch_size!r}"
                                 ": use 2 or more, or null for dataset.batch_size.")
 
-    def _bn_settings(self, ctx: RunContext) -> dict[str, Any]:
+    def _bn_settings(self, batch_size: int) -> dict[str, Any]:
         # Batch size matters: train-mode BN averages per-batch statistics.
         return {"enabled": bool(self.bn_adapt), "threshold": self.bn_threshold,
                 "max_passes": self.bn_max_passes, "momentum": self.bn_momentum,
-                "batch_size": ctx.datamodule.batch_size}
+                "batch_size": int(batch_size)}
+
+    def _from_hit(self, ctx: RunContext) -> dict[str, tuple]:
+        hit = self._hit
+        assert hit is not None
+        keys, cache = hit.entry["keys"], FeatureCache(ctx.cfg.cache_dir)
+        if hit.bn is not None:
+            bn = {**json.loads(hit.bn["record"]), "from_cache": True}
+        else:
+            bn = BNAdaptResult(skipped=json.loads(hit.entry["bn_skipped"])).as_dict()
+        ctx.times.update({"bn_adapt": 0.0, "extract": 0.0})  # both loaded at setup (fixed costs)
+        ctx.extra.setdefault(self.name, {}).update({
+            "cache_hit": True, "bn_adaptation": bn,
+            "cache": {"dir": str(cache.dir), "keys": dict(keys),
+                      "paths": {s: str(cache.path(k)) for s, k in keys.items()},
+                      "hits": {s: True for s in keys},
+                      "index": str(cache.index().path(hit.lookup))},
+            "equivalence": json.loads(hit.entry["equivalence"])})
+        return hit.feats
 
     def _adapt_and_extract(self, ctx: RunContext, device: torch.device) -> dict[str, tuple]:
         dm, backbone = ctx.datamodule, ctx.system.backbone
         start = time.perf_counter()
-        keys = feature_keys(dm.cache_key, dm.labels, backbone, self._bn_settings(ctx))
+        keys = feature_keys(dm.cache_key, dm.labels, backbone, self._bn_settings(dm.batch_size))
         cache = FeatureCache(ctx.cfg.cache_dir)
         key_time = time.perf_counter() - start
         start = time.perf_counter()
@@ -150,6 +343,7 @@ class Precomputed(Technique):
                 bn, bn_hit = self._adapt(ctx, cache, keys, device)
             with ctx.phase("extract"):
                 feats, hits = self._extract(ctx, cache, keys, device)
+        self._keys = keys
         ctx.extra.setdefault(self.name, {}).update({
             "cache_hit": bn_hit and all(hits.values()),
             "bn_adaptation": bn,
@@ -199,14 +393,18 @@ class Precomputed(Technique):
             feats[split], hits[split] = (x, y), False
         return feats, hits
 
+    def head_training(self, ctx: RunContext) -> HeadTraining:
+        """How this job trains its head (the batched launcher groups jobs by it)."""
+        return HeadTraining(epochs=int(ctx.cfg.trainer.max_epochs),
+                            batch_size=int(self.head_batch_size or ctx.datamodule.batch_size),
+                            alpha=float(self.ambiguity_weight),
+                            patience=(ctx.recipe.early_stopping or {}).get("patience"),
+                            keep_best=bool(ctx.recipe.checkpoint), seed=int(ctx.cfg.seed))
+
     def _train(self, ctx: RunContext, feats: dict[str, tuple], device: torch.device) -> None:
         sys_, dm = ctx.system, ctx.datamodule
         on = {s: (x.to(device), y.to(device)) for s, (x, y) in feats.items()}
-        cfg = HeadTraining(epochs=int(ctx.cfg.trainer.max_epochs),
-                           batch_size=int(self.head_batch_size or dm.batch_size),
-                           alpha=float(self.ambiguity_weight),
-                           patience=(ctx.recipe.early_stopping or {}).get("patience"),
-                           keep_best=bool(ctx.recipe.checkpoint), seed=int(ctx.cfg.seed))
+        cfg = self.head_training(ctx)
         loggers = ctx.loggers()
 
         def log(row: dict[str, float], step: int) -> None:
@@ -227,14 +425,79 @@ class Precomputed(Technique):
         ctx.extra.setdefault(self.name, {}).update({"train_images": result.images,
                                                      "stopped_early": result.stopped_early})
 
+    def _test_count(self, ctx: RunContext, n: int) -> int:
+        """Test samples that ``trainer.limit_test_batches`` lets through (Lightning's rule:
+        an int is batches, a float a share of the batches)."""
+        limit = ctx.cfg.trainer.get("limit_test_batches")
+        if limit is None:
+            return n
+        bs = ctx.datamodule.eval_batch_size
+        batches = math.ceil(n / bs)
+        take = int(limit) if isinstance(limit, int) else int(batches * float(limit))
+        return min(n, max(1, min(take, batches)) * bs)
+
     def _test(self, ctx: RunContext, feats: dict[str, tuple], device: torch.device) -> None:
-        sys_ = ctx.system
+        sys_, dm = ctx.system, ctx.datamodule
         sys_.eval()
-        if self.eval_on == "features":
-            x, y = feats["test"]
-            sys_.test_results = evaluate_head(sys_.head, sys_.loss_fn, (x.to(device),
-                                              y.to(device)), ctx.datamodule.task,
-                                              sys_.class_names)
-            return
-        trainer = ctx.make_trainer([], max_epochs=1)
-        trainer.test(sys_, datamodule=ctx.datamodule, verbose=False)
+        x, y = feats["test"]
+        n = self._test_count(ctx, len(y))
+        on_features = (x[:n].to(device), y[:n].to(device))
+        if self._hit is None and (self.eval_on == "model" or self._lookup is not None):
+            # The model on the images: the test itself (eval_on=model), or the proof once per
+            # index entry that the head on cached features is that test.
+            logits = self._model_logits(ctx, n, device)
+            results = evaluate_head(nn.Identity(), sys_.loss_fn, (logits, on_features[1]),
+                                    dm.task, sys_.class_names)
+            proof = self._equivalence(ctx, logits, on_features, results)
+            ctx.extra.setdefault(self.name, {})["equivalence"] = proof
+            if self._lookup is not None:
+                self._write_index(ctx, proof)
+            if self.eval_on == "model":
+                sys_.test_results = results
+                return
+        sys_.test_results = evaluate_head(sys_.head, sys_.loss_fn, on_features, dm.task,
+                                          sys_.class_names)
+
+    def _model_logits(self, ctx: RunContext, n: int, device: torch.device) -> torch.Tensor:
+        """The final model (adapted backbone + head) on the first ``n`` test images, as the
+        Lightning test step runs it (normalised on the device, eval mode)."""
+        sys_, dm, out = ctx.system, ctx.datamodule, []
+        with torch.inference_mode():
+            for x, _ in dm.loader("test", shuffle=False):
+                out.append(sys_(dm.normalize(x.to(device, non_blocking=True))).float())
+        return torch.cat(out)[:n] if out else torch.zeros(0, dm.num_classes, device=device)
+
+    def _equivalence(self, ctx: RunContext, logits: torch.Tensor, on_features: tuple,
+                     model_results: dict) -> dict[str, Any]:
+        sys_ = ctx.system
+        with torch.no_grad():
+            head_logits = sys_.head(on_features[0]).float()
+        diff = float((head_logits - logits).abs().max()) if len(logits) else 0.0
+        head_results = evaluate_head(sys_.head, sys_.loss_fn, on_features, ctx.datamodule.task,
+                                     sys_.class_names)
+        a, b = model_results["scalars"], head_results["scalars"]
+        metric_diff = max((abs(a[k] - b[k]) for k in a if k in b), default=0.0)
+        ok = diff <= EQUIVALENCE_ATOL
+        if not ok:
+            log.warning("the head on cached test features differs from the final model on the "
+                        "test images by %.3g (logits); the cache entry is not trusted", diff)
+        return {"test_images": len(logits), "max_abs_logit_diff": diff,
+                "max_abs_metric_diff": metric_diff, "tolerance": EQUIVALENCE_ATOL, "ok": ok}
+
+    def _write_index(self, ctx: RunContext, proof: dict[str, Any]) -> None:
+        """The decode-free index entry of this job's cache entries (``features.lookup``)."""
+        keys, backbone, dm = self._keys, ctx.system.backbone, ctx.datamodule
+        assert keys is not None and self._lookup is not None
+        facts = {"name": getattr(backbone, "name", type(backbone).__name__),
+                 "weights": getattr(backbone, "weights", None),
+                 "feature_dim": int(backbone.feature_dim),
+                 "digest": keys.parts["backbone"]["digest"],
+                 "params": sum(p.numel() for p in backbone.parameters()),
+                 "size_bytes": state_dict_bytes(backbone)}
+        skipped = ctx.extra[self.name]["bn_adaptation"].get("skipped")
+        entry = {"keys": {"bn": keys.bn, **keys.splits}, "bn_adapted": skipped is None,
+                 "bn_skipped": json.dumps(skipped), "class_names": list(dm.class_names),
+                 "preprocessing": json.dumps(dataclasses.asdict(dm.preprocessing)),
+                 "backbone": json.dumps(facts), "content": json.dumps(keys.parts, default=str),
+                 "equivalence": json.dumps(proof)}
+        FeatureCache(ctx.cfg.cache_dir).index().store(self._lookup, entry)
