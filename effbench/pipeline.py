@@ -3,16 +3,21 @@ compatibility before anything runs, and driven through the shared fit."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor
 
+from effbench import saved_model
 from effbench.context import RunContext
 from effbench.errors import EffbenchError
+from effbench.ranks import global_rank
 from effbench.recipe import Recipe
 from effbench.strategies.base import EXCLUSIVE, Technique
+
+log = logging.getLogger(__name__)
 
 
 def build_techniques(strategy: DictConfig) -> list[Technique]:
@@ -100,7 +105,8 @@ def fit_and_test(ctx: RunContext, techniques: list[Technique], recipe: Recipe,
 
 
 def finalize(ctx: RunContext, techniques: list[Technique]) -> tuple[dict[str, Any], dict]:
-    """Each technique's facts under its own name; ``"model"`` entries go to summary.model."""
+    """Each technique's facts under its own name; ``"model"`` entries go to summary.model, with
+    where the run's model was saved (``saved``)."""
     facts: dict[str, Any] = {}
     model: dict[str, Any] = {}
     for t in techniques:
@@ -109,7 +115,26 @@ def finalize(ctx: RunContext, techniques: list[Technique]) -> tuple[dict[str, An
         own = {**t.describe(), **ctx.extra.pop(t.name, {}), **t.finalize(ctx)}
         model.update(own.pop("model", {}))
         facts[t.name] = own
+    if global_rank(ctx.cfg.trainer.get("devices")) == 0:  # one writer
+        model["saved"] = save_model(ctx, techniques)
     return facts, model
+
+
+def save_model(ctx: RunContext, techniques: list[Technique]) -> dict[str, Any]:
+    """``<run>/model/``: in the form the last technique of the stack that shapes it asks for
+    (prune: compressed, qat: int8), else backbone + head as trained. A model that cannot be
+    saved does not fail the run that trained it: the summary and the report say why."""
+    try:
+        with ctx.phase("save"):
+            for t in reversed(techniques):
+                chosen = t.saved_model(ctx)
+                if chosen is not None:
+                    return saved_model.save(ctx, chosen, t.name)
+            return saved_model.save(ctx, saved_model.network_model(ctx), "default")
+    except Exception as err:  # noqa: BLE001 - recorded and reported, the results stay
+        message = str(err) if isinstance(err, EffbenchError) else f"{type(err).__name__}: {err}"
+        log.warning("the model was not saved: %s", message, exc_info=True)
+        return {"error": message}
 
 
 def headline(techniques: list[Technique], summary: dict[str, Any]) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -46,4 +47,16 @@ def print_report(s: dict[str, Any], stream: Any = None) -> None:
     if obj.get("metric"):
         lines.append(f"  objective {obj['metric']} = {_fmt(obj.get('value'))}")
     lines.append(f"  outputs: {s['run_dir']} (summary.json, csv/metrics.csv, tb/)")
+    saved = s["model"].get("saved")
+    if saved:
+        lines.append(_saved_line(saved))
     print("\n".join(lines), file=out)
+
+
+def _saved_line(saved: dict[str, Any]) -> str:
+    """Where the kept model is and how to evaluate it (or why there is none)."""
+    if saved.get("error"):
+        return f"  model NOT saved: {saved['error']}"
+    form = saved.get("kind", "?") + (", sparse" if saved.get("sparse") else "")
+    return (f"  model: {saved['path']} ({form}, {saved.get('bytes', 0) / 2**20:.2f} MB)   "
+            f"evaluate: effbench-eval {Path(saved['path']).parent}")

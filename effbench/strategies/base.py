@@ -8,7 +8,8 @@ hooks the pipeline (effbench/pipeline.py) calls for every technique of the stack
 
 ``check(ctx)`` → ``configure_model(ctx)`` (model surgery) → the shared Lightning fit with every
 technique's ``callbacks(ctx)`` (or, for the one technique that ``replaces_loop``, its ``fit``) →
-``finalize(ctx)`` (its own facts, under ``summary.strategy.<name>``).
+``finalize(ctx)`` (its own facts, under ``summary.strategy.<name>``) → ``saved_model(ctx)`` (the
+form of the model kept in ``<run>/model/``).
 
 The training recipe (optimizer, scheduler, early stopping, checkpoint) is not a technique's: it is
 the ``optim`` config group, read once by the pipeline.
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
 
     from effbench.context import RunContext
+    from effbench.saved_model import SavedModel
 
 # What a technique may change. Two techniques that both own a "sampling" or a "loop" conflict.
 ACTS_ON = ("model", "callbacks", "sampling", "loop", "checkpoint", "export")
@@ -95,6 +97,13 @@ class Technique:
         """After testing: make changes permanent, measure, return this technique's facts (a
         ``"model"`` entry is merged into ``summary["model"]``)."""
         return {}
+
+    def saved_model(self, ctx: RunContext) -> SavedModel | None:
+        """After ``finalize``: the form in which this technique's model is kept in
+        ``<run>/model/`` (``prune``: compressed, ``qat``: int8). None: the technique leaves the
+        model's form alone. The last technique of the stack that returns one decides; when none
+        does, backbone + head are saved as they are (effbench/saved_model.py)."""
+        return None
 
     def headline(self, summary: dict[str, Any]) -> str | None:
         """One line for the end-of-run report: the outcome of the technique itself.

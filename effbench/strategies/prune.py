@@ -46,6 +46,7 @@ from effbench.compression.structured import (
     remap_optimizer,
 )
 from effbench.errors import EffbenchError
+from effbench.saved_model import SavedModel, network_model
 from effbench.strategies.base import Technique
 from effbench.summary import state_dict_bytes
 
@@ -516,6 +517,11 @@ class Prune(Technique):
 
     def kept_zeros(self) -> list[tuple[Any, Any]]:
         return list(getattr(self, "_zeros", []))
+
+    def saved_model(self, ctx: RunContext) -> SavedModel | None:
+        # Compressed: the pruned tensors by their nonzeros + a bitmask (unstructured), the
+        # smaller layers' shapes (channel): the file is as small as the pruning made the model.
+        return network_model(ctx, compress=True)
 
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         pruner = self._pruner

@@ -25,8 +25,10 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from effbench.compression import cpu_latency_ms, module_bytes
+from effbench.compression.int8 import lower_x86, padded_forward
 from effbench.errors import EffbenchError
 from effbench.metrics import build_metrics, split_scalars
+from effbench.saved_model import SavedModel, int8_graph_model
 from effbench.strategies.base import Technique
 from effbench.summary import state_dict_bytes
 
@@ -90,32 +92,6 @@ def convert_int8(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return drop_unused_tensors(convert_pt2e(model))
 
 
-def lower_x86(converted: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
-    """oneDNN int8 kernels; the lowered graph is specialised to ``example``'s shape."""
-    from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
-
-    with torch.no_grad():
-        lowered = lower_pt2e_quantized_to_x86(converted, (example,))
-    # oneDNN's int8 convolutions may hand back channels-last tensors, which ``flatten``'s exported
-    # ``view`` cannot take; ``reshape`` is the same op where a view is possible.
-    for node in lowered.graph.nodes:
-        if node.target is torch.ops.aten.view.default:
-            node.target = torch.ops.aten.reshape.default
-    lowered.recompile()
-    return lowered
-
-
-def padded_forward(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
-    """Runs a fixed-batch model on ``x`` of any length (the last chunk padded by repetition)."""
-    outs = []
-    for chunk in x.split(batch):
-        n = len(chunk)
-        if n < batch:
-            chunk = torch.cat([chunk, chunk[-1:].expand(batch - n, *chunk.shape[1:])])
-        outs.append(model(chunk)[:n])
-    return torch.cat(outs)
-
-
 def agreement(a: torch.Tensor, b: torch.Tensor, task: str) -> float:
     """Fraction of samples whose predicted label(s) are identical under both logits."""
     if task == "multilabel":
@@ -156,6 +132,8 @@ class Qat(Technique):
         self.finetune_epochs = None if finetune_epochs is None else int(finetune_epochs)
         self.precision = PRECISION
         self._float: nn.Module | None = None
+        self._converted: torch.fx.GraphModule | None = None
+        self._int8_metrics: dict[str, float] = {}
         self._deferred = False
 
     def incompatible(self, other: Technique) -> str | None:
@@ -244,6 +222,7 @@ class Qat(Technique):
         if self.int8_eval:
             with ctx.phase("int8_eval"):
                 out.update(self.evaluate(ctx, system.backbone, lowered))
+        self._converted, self._int8_metrics = converted, dict(out.get("int8_metrics", {}))
         with ctx.phase("latency"):
             fp32_ms = cpu_latency_ms(self._float, x, self.latency_min_time)
             int8_ms = cpu_latency_ms(lowered, x, self.latency_min_time)
@@ -262,6 +241,13 @@ class Qat(Technique):
                       "compression_ratio": fp32_bytes / int8_bytes},
         })
         return out
+
+    def saved_model(self, ctx: RunContext) -> SavedModel | None:
+        # The int8 model as the run evaluated it: the converted graph (int8 weights, BN folded),
+        # lowered at load to the same oneDNN kernels at the same batch size.
+        assert self._converted is not None, "finalize runs first"
+        return int8_graph_model(self._converted, self.latency_batch, self._int8_metrics,
+                                "int8/test")
 
     def evaluate(self, ctx: RunContext, fake_quant: nn.Module,
                  lowered: nn.Module) -> dict[str, Any]:

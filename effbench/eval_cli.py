@@ -1,0 +1,68 @@
+"""``effbench-eval RUN_DIR``: load the model a run saved and evaluate it on the run's test split.
+
+Kept light like ``effbench``: torch loads only after the arguments are parsed, so ``--help``
+answers at once. Bad input (no such folder, no saved model, a file whose sha256 does not match
+the manifest) is one ``effbench-eval: error: …`` line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from effbench.errors import EffbenchError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="effbench-eval",
+        description="Load the model a run saved (<RUN_DIR>/model/: manifest.json + safetensors) "
+                    "and evaluate it on the run's test split, rebuilt from "
+                    "<RUN_DIR>/resolved_config.yaml; prints its metrics next to the ones the run "
+                    "recorded. In Python: from effbench.saved_model import load; "
+                    "model = load(RUN_DIR); logits = model(uint8_images).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a completed run's folder (or its model/)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (metrics, recorded, model) instead of the table")
+    return p
+
+
+def table(result: dict[str, Any], manifest: dict[str, Any], where: str) -> str:
+    lines = [f"effbench-eval: {where} ({manifest['kind']}, made by {manifest['produced_by']} in "
+             f"strategy={','.join(manifest.get('techniques', []))}), {result['images']} test "
+             f"images of {result['dataset']}",
+             f"  {'metric':<24}{'now':>10}{'run':>10}{'diff':>11}"]
+    for name, value in result["metrics"].items():
+        run = result["recorded"].get(name)
+        diff = f"{value - run:+.2e}" if run is not None else "n/a"
+        run_text = f"{run:.6f}" if run is not None else "n/a"
+        lines.append(f"  {name:<24}{value:>10.6f}{run_text:>10}{diff:>11}")
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from effbench.saved_model import evaluate, load  # torch, after --help
+
+    model = load(args.run_dir)
+    result = evaluate(model)
+    if args.json:
+        print(json.dumps({**result, "model": str(model.model_dir),
+                          "kind": model.manifest["kind"]}))
+    else:
+        print(table(result, model.manifest, str(model.model_dir)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        sys.exit(run(argv))
+    except EffbenchError as err:
+        print(f"effbench-eval: error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
