@@ -130,8 +130,9 @@ class FreezeSchedule(BaseFinetuning):
 
     def __init__(self, frozen_stages: int | str, unfreeze_last_layers: int, frozen_bn_eval: bool,
                  unfreeze_at_epochs: Sequence[int], unfreeze_step_layers: int | None,
-                 backbone_lr_factor: float) -> None:
+                 backbone_lr_factor: float, unfreeze_lr: float | None = None) -> None:
         super().__init__()
+        self.unfreeze_lr = unfreeze_lr
         self.frozen_stages, self.unfreeze_last_layers = frozen_stages, unfreeze_last_layers
         self.frozen_bn_eval, self.milestones = frozen_bn_eval, sorted(unfreeze_at_epochs)
         self.step_layers, self.lr_factor = unfreeze_step_layers, backbone_lr_factor
@@ -207,11 +208,18 @@ class FreezeSchedule(BaseFinetuning):
         known = {id(p) for g in optimizer.param_groups for p in g["params"]}
         params = [p for m in layers for p in m.parameters(recurse=False) if id(p) not in known]
         lr = optimizer.param_groups[0]["lr"] * self.lr_factor
+        if self.unfreeze_lr is not None:
+            # A study's second stage recompiled the whole model at one rate (Keras: head and
+            # unfrozen layers at 1e-4): every existing group (the head's) moves to it as well.
+            lr = float(self.unfreeze_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         if params:
             optimizer.add_param_group({"params": params, "lr": lr})
         backbone.frozen_prefix = fully_frozen_prefix(backbone)
         self.events.append({"epoch": epoch, "layers": len(layers),
                             "params": sum(p.numel() for p in params), "lr": lr,
+                            "head_lr": optimizer.param_groups[0]["lr"],
                             "frozen_prefix": backbone.frozen_prefix})
 
     def state_dict(self) -> dict[str, Any]:
@@ -276,7 +284,7 @@ class Freeze(Technique):
                  unfreeze_last_layers: int = 0,
                  frozen_bn_eval: bool = True, unfreeze_at_epochs: Sequence[int] = (),
                  unfreeze_step_layers: int | None = None, backbone_lr_factor: float = 0.1,
-                 ) -> None:
+                 unfreeze_lr: float | None = None) -> None:
         super().__init__(name)
         _check(frozen_stages == ALL or _is_int(frozen_stages, 0), "frozen_stages", frozen_stages,
                "use a number of blocks such as 2, or all")
@@ -290,12 +298,19 @@ class Freeze(Technique):
                "use null (one stage per step) or a positive number of layers")
         _check(isinstance(backbone_lr_factor, (int, float)) and backbone_lr_factor > 0,
                "backbone_lr_factor", backbone_lr_factor, "use a positive factor such as 0.1")
+        _check(unfreeze_lr is None or (isinstance(unfreeze_lr, (int, float))
+                                       and not isinstance(unfreeze_lr, bool) and unfreeze_lr > 0),
+               "unfreeze_lr", unfreeze_lr, "use null or a positive learning rate such as 1e-4")
+        _check(unfreeze_lr is None or bool(epochs), "unfreeze_lr", unfreeze_lr,
+               "it applies at unfreeze_at_epochs, which is empty: use both, or unfreeze_lr=null")
+        self.unfreeze_lr = None if unfreeze_lr is None else float(unfreeze_lr)
         self.frozen_stages, self.unfreeze_last_layers = frozen_stages, unfreeze_last_layers
         self.frozen_bn_eval, self.unfreeze_at_epochs = bool(frozen_bn_eval), sorted(epochs)
         self.unfreeze_step_layers, self.backbone_lr_factor = (unfreeze_step_layers,
                                                               float(backbone_lr_factor))
         self._schedule = FreezeSchedule(frozen_stages, unfreeze_last_layers, self.frozen_bn_eval,
-                                        epochs, unfreeze_step_layers, self.backbone_lr_factor)
+                                        epochs, unfreeze_step_layers, self.backbone_lr_factor,
+                                        self.unfreeze_lr)
         self._timer = EpochTimer()
         self._start: dict[str, Any] = {}
 

@@ -4,6 +4,7 @@ survives a resume, and bad values fail with one sentence."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -164,7 +165,7 @@ def test_gradual_unfreezing_adds_lower_lr_group_and_resumes(tmp_path: Path) -> N
     assert _trainable(backbone) == LAYER4 and backbone.frozen_prefix == 4
     events = strategy.finalize(ctx)["unfreeze_events"]
     assert events == [{"epoch": 1, "layers": 10, "params": LAYER4, "lr": pytest.approx(2.5e-4),
-                       "frozen_prefix": 4}]
+                       "head_lr": pytest.approx(1e-3), "frozen_prefix": 4}]
     after = _snapshot(backbone)
     assert not torch.equal(before["stages.4.layer4.1.conv2.weight"],
                            after["stages.4.layer4.1.conv2.weight"])
@@ -187,12 +188,32 @@ def test_gradual_unfreezing_adds_lower_lr_group_and_resumes(tmp_path: Path) -> N
     assert len(strategy2._timer.times) == 3  # two restored + one new
 
 
+def test_unfreeze_lr_moves_the_head_too(tmp_path: Path) -> None:
+    """The transfer study's second stage: head *and* unfrozen layers at 1e-4 (the LR monitor's
+    per-epoch record shows the head's group leaving 1e-3)."""
+    summary = run_job(tmp_path, [*R18, "trainer.max_epochs=2", "optim.scheduler=null",
+                                 "optim.optimizer.lr=1e-3",
+                                 "strategy.freeze.unfreeze_at_epochs=[1]",
+                                 "strategy.freeze.unfreeze_lr=1e-4"])
+    assert summary["status"] == "completed", summary["error"]
+    (event,) = summary["strategy"]["freeze"]["unfreeze_events"]
+    assert event["lr"] == pytest.approx(1e-4) and event["head_lr"] == pytest.approx(1e-4)
+    rows = list(csv.DictReader((Path(summary["run_dir"]) / "csv" / "metrics.csv").open()))
+    # One group (the head) at epoch 0: "lr-Adam"; two after unfreezing: "lr-Adam/pg1" (the head)
+    # and "lr-Adam/pg2" (the unfrozen layers).
+    lrs = [{k: float(v) for k, v in r.items() if k.startswith("lr-") and v} for r in rows]
+    lrs = [r for r in lrs if r]
+    assert lrs[0] == {"lr-Adam": pytest.approx(1e-3)}
+    assert lrs[-1] == {"lr-Adam/pg1": pytest.approx(1e-4), "lr-Adam/pg2": pytest.approx(1e-4)}
+
+
 @pytest.mark.parametrize(("override", "words"), [
     ("strategy.freeze.frozen_stages=5", "strategy.freeze.frozen_stages=5"),
     ("strategy.freeze.frozen_stages=some", "strategy.freeze.frozen_stages='some'"),
     ("strategy.freeze.unfreeze_last_layers=999", "strategy.freeze.unfreeze_last_layers=999"),
     ("strategy.freeze.unfreeze_at_epochs=[0]", "strategy.freeze.unfreeze_at_epochs=[0]"),
     ("strategy.freeze.backbone_lr_factor=0", "strategy.freeze.backbone_lr_factor=0"),
+    ("strategy.freeze.unfreeze_lr=1e-4", "strategy.freeze.unfreeze_lr=0.0001"),
 ])
 def test_bad_values_fail_with_one_sentence(tmp_path: Path, override: str, words: str) -> None:
     summary = run_job(tmp_path, [*R18, override])
