@@ -130,6 +130,14 @@ def network_model(ctx: RunContext, compress: bool = False) -> SavedModel:
     zero tensors by their nonzeros, and the layer shapes (a channel-pruned model rebuilds
     smaller), what ``prune`` saves."""
     system = ctx.system
+    if not system.backbone.state_dict():
+        # A stand-in: precomputed's cache-hit fast path serves a job without building the
+        # backbone, so there are no backbone weights here to keep (and building it now would
+        # undo what the fast path saves).
+        raise EffbenchError(f"the job's backbone ({type(system.backbone).__name__}) holds no "
+                            "weights: the job was served from the feature cache and never built "
+                            "it; run it with strategy.precomputed.eval_on=model to build and "
+                            "save the model.")
     tensors = {**_state(system.backbone, "backbone"), **_state(system.head, "head")}
     info: dict[str, Any] = {"head": describe_head(system.head)}
     if compress:
