@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,6 +70,13 @@ def _evaluate(head: nn.Module, loss_fn: nn.Module, data: Split, task: str, metri
     x, y = data
     with torch.no_grad():
         logits = head(x)
+    return scores(logits, y, loss_fn, task, metrics, class_names, prefix)
+
+
+def scores(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, task: str, metrics,
+           class_names: list[str], prefix: str) -> tuple[dict[str, float], dict]:
+    """Loss and torchmetrics of ``logits`` against ``y`` under ``prefix`` (metrics reset after)."""
+    with torch.no_grad():
         loss = float(loss_fn(logits, y))
     metrics.update(logits.float(), y.long() if task == "multilabel" else y)
     scalars, per_class = split_scalars(metrics.compute(), prefix, class_names)
@@ -76,16 +84,59 @@ def _evaluate(head: nn.Module, loss_fn: nn.Module, data: Split, task: str, metri
     return {**scalars, f"{prefix}/loss": loss}, per_class
 
 
+@dataclass
+class EpochState:
+    """One head's bookkeeping across epochs: its result, best weights and patience count."""
+
+    result: HeadResult = field(default_factory=HeadResult)
+    best_state: dict[str, torch.Tensor] | None = None
+    waited: int = 0
+
+    def end_epoch(self, head: nn.Module, row: dict[str, float], cfg: HeadTraining,
+                  sched: Any, log: Callable[[dict[str, float], int], None]) -> bool:
+        """Log the epoch, keep the best-val-loss weights, step the plateau schedule; True when
+        early stopping ends this head's training."""
+        log(row, int(row["epoch"]))
+        result = self.result
+        result.history.append(row)
+        monitor = row.get("val/loss", row["train/loss"])
+        if not result.best or monitor < result.best.get("val/loss", result.best["train/loss"]):
+            result.best, self.waited = row, 0
+            if cfg.keep_best:
+                self.best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        else:
+            self.waited += 1
+        if sched is not None:
+            sched.step(monitor)
+        if cfg.patience is not None and self.waited >= cfg.patience:
+            result.stopped_early = True
+            return True
+        return False
+
+    def finish(self, head: nn.Module) -> HeadResult:
+        if self.best_state is not None:
+            head.load_state_dict(self.best_state)
+        head.eval()
+        return self.result
+
+
+def split_optimizers(optimizers: dict | torch.optim.Optimizer,
+                     ) -> tuple[torch.optim.Optimizer, Any]:
+    """(optimizer, plateau scheduler or None) from ``configure_optimizers``' answer."""
+    if isinstance(optimizers, dict):
+        return optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    return optimizers, None
+
+
 def train_head(head: nn.Module, loss_fn: nn.Module, optimizers: dict | torch.optim.Optimizer,
                train: Split, val: Split, task: str, class_names: list[str], cfg: HeadTraining,
                log: Callable[[dict[str, float], int], None]) -> HeadResult:
     """Mini-batch training of ``head`` on ``train`` features (already on the device)."""
-    opt = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
-    sched = optimizers["lr_scheduler"]["scheduler"] if isinstance(optimizers, dict) else None
+    opt, sched = split_optimizers(optimizers)
     metrics = build_metrics(task, len(class_names)).to(train[0].device)
     gen = torch.Generator().manual_seed(cfg.seed)
     x, y = train
-    n, result, best_state, waited = len(y), HeadResult(), None, 0
+    n, state = len(y), EpochState()
     for epoch in range(cfg.epochs):
         head.train()
         total, count = torch.zeros((), device=x.device), 0
@@ -100,31 +151,16 @@ def train_head(head: nn.Module, loss_fn: nn.Module, optimizers: dict | torch.opt
             opt.step()
             total += loss.detach() * len(idx)
             count += len(idx)
-        result.images += count
-        result.epochs = epoch + 1
+        state.result.images += count
+        state.result.epochs = epoch + 1
         row = {"train/loss": float(total / max(count, 1)), "epoch": epoch}
         if len(val[1]):
             head.eval()
             scalars, _ = _evaluate(head, loss_fn, val, task, metrics, class_names, "val")
             row.update(scalars)
-        log(row, epoch)
-        result.history.append(row)
-        monitor = row.get("val/loss", row["train/loss"])
-        if not result.best or monitor < result.best.get("val/loss", result.best["train/loss"]):
-            result.best, waited = row, 0
-            if cfg.keep_best:
-                best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        else:
-            waited += 1
-        if sched is not None:
-            sched.step(monitor)
-        if cfg.patience is not None and waited >= cfg.patience:
-            result.stopped_early = True
+        if state.end_epoch(head, row, cfg, sched, log):
             break
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    head.eval()
-    return result
+    return state.finish(head)
 
 
 def evaluate_head(head: nn.Module, loss_fn: nn.Module, test: Split, task: str,

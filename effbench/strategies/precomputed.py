@@ -48,6 +48,7 @@ from torch import nn
 
 from effbench.backbones.base import Preprocessing
 from effbench.errors import EffbenchError
+from effbench.features.batched import PRETRAINED, job_key
 from effbench.features.bn_adapt import BNAdaptResult, adapt_batchnorm, bn_state
 from effbench.features.cache import FeatureCache, FeatureKeys, feature_keys, module_digest
 from effbench.features.extract import extract_features, train_batches
@@ -142,8 +143,10 @@ class Precomputed(Technique):
                  bn_threshold: float = 0.01, bn_max_passes: int = 10,
                  bn_momentum: float | None = 0.1, head_batch_size: int | None = None,
                  eval_on: str = "features", head_threads: int | None = None,
-                 ) -> None:
+                 save_model: bool = True) -> None:
         super().__init__(name)
+        # A cache-hit job builds its backbone only to save the model (<run>/model/).
+        self.save_model = save_model
         # CPU threads for head training (null: torch's default). 1 helps on an oversubscribed
         # machine, where a descheduled OpenMP worker stalls every small op.
         self.head_threads = head_threads
@@ -231,10 +234,8 @@ class Precomputed(Technique):
         self._check()
         backbone = ctx.system.backbone
         # Seeded here so the head starts the same whether or not a backbone was built before it.
-        with _rng_kept():
-            torch.manual_seed(int(ctx.cfg.seed))
-            ctx.system.head = build_head(self.head, backbone.feature_dim,
-                                         ctx.datamodule.num_classes, self.hidden, self.dropout)
+        ctx.system.head = self.seeded_head(backbone.feature_dim, ctx.datamodule.num_classes,
+                                           int(ctx.cfg.seed))
         # The backbone never receives gradients: only the head's parameters count as trainable.
         backbone.requires_grad_(False)
 
@@ -249,6 +250,14 @@ class Precomputed(Technique):
             self._train(ctx, feats, device)
         with ctx.phase("eval"):
             self._test(ctx, feats, device)
+
+    def saved_model(self, ctx: RunContext) -> Any:
+        """Backbone + head as they are (the generic saved model); a cache-hit job builds its
+        adapted backbone first (:meth:`ensure_backbone`), unless ``save_model=false``."""
+        if not self.save_model:
+            raise EffbenchError("strategy.precomputed.save_model=false: this job keeps no model.")
+        self.ensure_backbone(ctx)
+        return None
 
     def headline(self, summary: dict[str, Any]) -> str | None:
         s = self.facts(summary)
@@ -393,30 +402,51 @@ class Precomputed(Technique):
             feats[split], hits[split] = (x, y), False
         return feats, hits
 
-    def head_training(self, ctx: RunContext) -> HeadTraining:
-        """How this job trains its head (the batched launcher groups jobs by it)."""
-        return HeadTraining(epochs=int(ctx.cfg.trainer.max_epochs),
-                            batch_size=int(self.head_batch_size or ctx.datamodule.batch_size),
+    def head_training(self, cfg: DictConfig, recipe: Any, batch_size: int) -> HeadTraining:
+        """How this job trains its head (also what the batched launcher gives each head)."""
+        return HeadTraining(epochs=int(cfg.trainer.max_epochs),
+                            batch_size=int(self.head_batch_size or batch_size),
                             alpha=float(self.ambiguity_weight),
-                            patience=(ctx.recipe.early_stopping or {}).get("patience"),
-                            keep_best=bool(ctx.recipe.checkpoint), seed=int(ctx.cfg.seed))
+                            patience=(recipe.early_stopping or {}).get("patience"),
+                            keep_best=bool(recipe.checkpoint), seed=int(cfg.seed))
+
+    def seeded_head(self, feature_dim: int, num_classes: int, seed: int) -> nn.Module:
+        """This job's head as it starts training: a function of its settings and seed only."""
+        with _rng_kept():
+            torch.manual_seed(seed)
+            return build_head(self.head, feature_dim, num_classes, self.hidden, self.dropout)
+
+    def cached_features(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The features a fast-path hit loaded (the batched launcher trains on them)."""
+        if self._hit is None:
+            raise RuntimeError("no cache hit: the features were not loaded")
+        return self._hit.feats
 
     def _train(self, ctx: RunContext, feats: dict[str, tuple], device: torch.device) -> None:
         sys_, dm = ctx.system, ctx.datamodule
-        on = {s: (x.to(device), y.to(device)) for s, (x, y) in feats.items()}
-        cfg = self.head_training(ctx)
         loggers = ctx.loggers()
 
         def log(row: dict[str, float], step: int) -> None:
             for logger in loggers:
                 logger.log_metrics(row, step=step)
 
-        # The cache phase consumes random numbers only when it misses (BN passes shuffle); reseed
-        # so a job's result is a function of its config and seed, whatever was cached.
-        torch.manual_seed(int(ctx.cfg.seed))
-        with cpu_threads(self.head_threads if device.type == "cpu" else None):
-            result = train_head(sys_.head, sys_.loss_fn, sys_.configure_optimizers(),
-                                on["train"], on["val"], dm.task, sys_.class_names, cfg, log)
+        pre = PRETRAINED.pop(job_key(ctx.cfg), None)
+        if pre is not None:  # trained batched with the other heads of its sweep group
+            sys_.head.load_state_dict(pre.state)
+            for row, step in pre.rows:
+                log(row, step)
+            result = pre.result
+            ctx.times["train"] = ctx.times.get("train", 0.0) + pre.group["share_s"]
+            ctx.extra.setdefault(self.name, {})["batched"] = dict(pre.group)
+        else:
+            on = {s: (x.to(device), y.to(device)) for s, (x, y) in feats.items()}
+            cfg = self.head_training(ctx.cfg, ctx.recipe, dm.batch_size)
+            # The cache phase consumes random numbers only when it misses (BN passes shuffle);
+            # reseed so a job's result is a function of its config and seed, whatever was cached.
+            torch.manual_seed(int(ctx.cfg.seed))
+            with cpu_threads(self.head_threads if device.type == "cpu" else None):
+                result = train_head(sys_.head, sys_.loss_fn, sys_.configure_optimizers(),
+                                    on["train"], on["val"], dm.task, sys_.class_names, cfg, log)
         for logger in loggers:
             logger.save()
         sys_.best_val, sys_.val_history = dict(result.best), result.history
