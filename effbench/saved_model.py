@@ -149,13 +149,16 @@ def network_model(ctx: RunContext, compress: bool = False) -> SavedModel:
 
 def int8_graph_model(converted: torch.fx.GraphModule, batch: int,
                      metrics: dict[str, float], prefix: str) -> SavedModel:
-    """A PT2E-converted int8 graph, run at ``batch`` images per call as the run evaluated it."""
+    """A PT2E-converted int8 graph, run at ``batch`` images per call as the run evaluated it.
+    Mostly-zero tensors (a pruned model's int8 weights) are stored by their nonzeros."""
     try:
         spec, tensors = to_json(converted)
     except GraphFormatError as err:
         raise EffbenchError(f"the int8 graph cannot be saved: {err}.") from err
+    tensors, encoded = sparse.encode(tensors)
     return SavedModel("int8_graph", tensors, dict(metrics), prefix,
-                      info={"graph": GRAPH, "batch": int(batch), "lowering": "x86"},
+                      info={"graph": GRAPH, "batch": int(batch), "lowering": "x86",
+                            "sparse": encoded},
                       files={GRAPH: json.dumps(spec).encode()})
 
 
@@ -304,8 +307,9 @@ def _load_int8_graph(model_dir: Path, manifest: dict[str, Any]) -> nn.Module:
     info = manifest.get("info") or {}
     try:
         spec = json.loads(read_file(model_dir, manifest, str(info.get("graph", GRAPH))))
-        graph = from_json(spec, _tensors(model_dir, manifest))
-    except (GraphFormatError, ValueError, TypeError) as err:
+        tensors = sparse.decode(_tensors(model_dir, manifest), info.get("sparse") or {})
+        graph = from_json(spec, tensors)
+    except (GraphFormatError, ValueError, TypeError, KeyError) as err:
         raise EffbenchError(f"{model_dir / GRAPH} is not a graph effbench can load ({err}); run "
                             "the job again.") from err
     batch, size = int(info.get("batch", 1)), int(manifest["preprocessing"]["crop_size"])

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 VALUES, MASK = "#values", "#mask"  # suffixes of the two stored tensors ('#' is in no module name)
+MIN_ELEMENTS = 256  # smaller tensors (biases, scales) stay dense: a manifest entry each otherwise
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -31,7 +32,8 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 def encode(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Stored tensors and the manifest entry (``{name: {shape, dtype}}``) of the encoded ones.
-    A floating tensor is encoded only where that is smaller than storing it dense."""
+    A tensor is encoded only where that is smaller than storing it dense: fp32 with more than
+    1/32 zeros, int8 (a pruned model's quantized weights) with more than 1/8."""
     stored: dict[str, torch.Tensor] = {}
     sparse: dict[str, Any] = {}
     for name, t in tensors.items():
@@ -39,7 +41,8 @@ def encode(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], d
         nonzero = flat != 0
         count = int(nonzero.sum())
         encoded = count * t.element_size() + (flat.numel() + 7) // 8
-        if not t.is_floating_point() or encoded >= flat.numel() * t.element_size():
+        if flat.numel() < MIN_ELEMENTS or t.dtype == torch.bool \
+                or encoded >= flat.numel() * t.element_size():
             stored[name] = t
             continue
         stored[name + VALUES] = flat[nonzero].contiguous()
