@@ -16,10 +16,12 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.io import AsyncCheckpointIO
 
 from effbench.data.base import ImageDataModule
 from effbench.loggers import build_loggers, log_config
 from effbench.reproducible import AtomicCheckpointIO, EpochSeed
+from effbench.resident import ResidentData
 from effbench.system import ClassifierSystem
 
 # Trainer arguments the pipeline owns: a user setting them would silently lose them (callbacks,
@@ -189,8 +191,14 @@ class RunContext:
 
     def make_trainer(self, callbacks: list[Callback], **overrides: Any) -> pl.Trainer:
         kwargs = {**self.trainer_options(), "logger": self.loggers(),
-                  "callbacks": [*callbacks, self.record, EpochSeed(int(self.cfg.seed))],
-                  "plugins": [AtomicCheckpointIO()], "default_root_dir": str(self.run_dir)}
+                  "callbacks": [*callbacks, self.record, EpochSeed(int(self.cfg.seed)),
+                                ResidentData(self.datamodule, self.plan.data_on_device_share
+                                             if self.plan else 0.0)],
+                  # Checkpoints (last.ckpt every epoch, for resume) are written by a background
+                  # thread from cloned tensors, so training does not wait on serialisation and
+                  # fsync; each file still appears atomically, and fit's teardown waits for all.
+                  "plugins": [AsyncCheckpointIO(AtomicCheckpointIO())],
+                  "default_root_dir": str(self.run_dir)}
         kwargs.update(overrides)
         return pl.Trainer(**kwargs)
 

@@ -96,6 +96,9 @@ class HardwarePlan:
     channels_last: bool
     lr_scale: float
     cpu_threads: int
+    # In-memory uint8 images moved to the GPU once, up to this share of its memory (0: never;
+    # effbench.resident), instead of a host-to-device copy of every batch.
+    data_on_device_share: float = 0.0
 
     def trainer_args(self) -> dict[str, Any]:
         return {"accelerator": self.accelerator, "devices": self.devices,
@@ -123,7 +126,19 @@ def resolve_plan(hardware: DictConfig, trainer: DictConfig, required_precision: 
                         strategy=args["strategy"], precision=args["precision"], num_nodes=nodes,
                         world_size=world, torch_device=torch_device(args["accelerator"]),
                         channels_last=bool(hardware.channels_last), lr_scale=scale,
-                        cpu_threads=threads)
+                        cpu_threads=threads,
+                        data_on_device_share=data_on_device_share(hardware, args["accelerator"]))
+
+
+def data_on_device_share(hardware: DictConfig, accelerator: str) -> float:
+    """``hardware.data_on_device``: ``auto`` keeps in-memory images on a GPU when they take at
+    most a quarter of its memory, ``true`` up to 90 %, ``false`` never; always 0 on CPU."""
+    wanted = hardware.get("data_on_device", "auto")
+    shares = {"auto": 0.25, True: 0.9, False: 0.0}
+    if wanted not in shares:
+        raise EffbenchError(f"invalid value hardware.data_on_device={wanted!r}: use auto, true or "
+                            "false.")
+    return shares[wanted] if accelerator in ("gpu", "cuda") else 0.0
 
 
 def apply_cpu_threads(hardware: DictConfig, plan: dict[str, Any]) -> int:

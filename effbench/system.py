@@ -28,6 +28,8 @@ class ClassifierSystem(pl.LightningModule):
         self.best_val: dict[str, float] = {}
         self.test_results: dict[str, Any] = {}
         self.val_history: list[dict[str, float]] = []
+        self._train_loss_sum: torch.Tensor | None = None
+        self._train_seen = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -35,15 +37,34 @@ class ClassifierSystem(pl.LightningModule):
     def _targets(self, y: torch.Tensor) -> torch.Tensor:
         return y.long() if self.task == "multilabel" else y
 
+    def on_train_epoch_start(self) -> None:
+        self._train_loss_sum, self._train_seen = None, 0
+        self.train_acc.reset()
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = self.loss_fn(logits, y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=len(y), sync_dist=True)
+        # The epoch's loss and accuracy accumulate on the device and are logged once per epoch:
+        # ``self.log`` per step costs milliseconds on small models (Lightning re-walks and moves
+        # the logged value every call), most of its overhead against a plain loop
+        # (scripts/bench_overhead.py). No .item(): nothing waits for the device here.
+        batch_loss = loss.detach() * len(y)
+        self._train_loss_sum = (batch_loss if self._train_loss_sum is None
+                                else self._train_loss_sum + batch_loss)
+        self._train_seen += len(y)
         self.train_acc.update(logits.detach().float(), self._targets(y))
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if not self._train_seen:
+            return
+        # Each rank's mean, averaged over ranks (equal shares: the sampler pads), as
+        # ``self.log(on_epoch=True, sync_dist=True)`` did per step; the metric syncs itself.
+        self.log("train/loss", self._train_loss_sum / self._train_seen, prog_bar=True,
+                 sync_dist=True)
+        self.log("train/acc", self.train_acc.compute())
+        self.train_acc.reset()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         x, y = batch
