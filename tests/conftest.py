@@ -75,7 +75,8 @@ SHRINK = ["hardware=cpu", "hardware.num_workers=0", "backbone.weights=null",
 # The studies' absolute image counts exceed the generated data (later overrides win).
 SHRINK_STRATEGY = {"dynamic": ["strategy.dynamic.alpha=0.5"],
                    # one epoch: a later unfreezing epoch could never take effect (refused)
-                   "freeze": ["strategy.freeze.unfreeze_at_epochs=[]"]}
+                   "freeze": ["strategy.freeze.unfreeze_at_epochs=[]",
+                              "strategy.freeze.unfreeze_lr=null"]}
 # Trainer arguments a strategy refuses because its own loop cannot honour them.
 NOT_HONOURED = {"precomputed": ("trainer.limit_train_batches", "trainer.limit_val_batches")}
 
