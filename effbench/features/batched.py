@@ -104,7 +104,14 @@ def not_batchable(jobs: list[HeadJob]) -> str | None:
 
 
 def _linear(x: torch.Tensor, layers: list[nn.Linear]) -> torch.Tensor:
-    """(A, B, in) → (A, B, out) through each head's own Linear (weights stacked per call)."""
+    """(A, B, in) → (A, B, out) through each head's own Linear (weights stacked per call). A
+    batch all heads share, (B, in), goes through one matmul with the heads' weights side by side
+    (heads with the same seed draw the same batches: the usual lr / dropout grid)."""
+    if x.dim() == 2:
+        weight = torch.cat([m.weight for m in layers])
+        bias = torch.cat([m.bias for m in layers])
+        out = torch.addmm(bias, x, weight.t())
+        return out.view(len(x), len(layers), -1).transpose(0, 1)
     weight = torch.stack([m.weight for m in layers])
     bias = torch.stack([m.bias for m in layers])
     return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
@@ -133,28 +140,43 @@ def _batchnorm(z: torch.Tensor, layers: list[nn.BatchNorm1d], training: bool) ->
     return out.reshape(b, a, h).transpose(0, 1)
 
 
-def _dropout(z: torch.Tensor, rates: list[float], gens: list[torch.Generator]) -> torch.Tensor:
-    """Each head's dropout with masks from its own generator, drawn as ``torch.dropout`` draws
-    them on the CPU (Bernoulli(1 − p) noise, divided by 1 − p); p = 0 draws nothing."""
-    out = []
-    for zi, p, gen in zip(z, rates, gens):
-        if p > 0:
-            noise = torch.empty(zi.shape, device=zi.device).bernoulli_(1 - p, generator=gen)
-            zi = zi * noise.div_(1 - p)
-        out.append(zi)
+def _dropout(z: torch.Tensor, rates: list[float], states: list[torch.Tensor]) -> torch.Tensor:
+    """Each head's ``F.dropout`` drawn from its own RNG stream: the device's default generator is
+    set to the head's state for its call and the advanced state kept, so the masks are those its
+    sequential job draws (which seeds the global RNG, then draws only dropout from it)."""
+    gen = default_generator(z.device)
+    saved, out = gen.get_state(), []
+    try:
+        for i, (zi, p) in enumerate(zip(z, rates)):
+            gen.set_state(states[i])
+            out.append(F.dropout(zi, p, training=True))
+            states[i] = gen.get_state()
+    finally:
+        gen.set_state(saved)
     return torch.stack(out)
 
 
+def default_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index or torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def seeded_state(seed: int, device: torch.device) -> torch.Tensor:
+    """The state of ``device``'s default generator right after ``torch.manual_seed(seed)``."""
+    return torch.Generator(device=device).manual_seed(seed).get_state()
+
+
 def forward(heads: list[nn.Module], x: torch.Tensor, training: bool,
-            gens: list[torch.Generator] | None = None) -> torch.Tensor:
-    """Logits (A, B, C) of ``heads`` on their batches ``x`` (A, B, D)."""
+            states: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits (A, B, C) of ``heads`` on their batches ``x``: (A, B, D), or (B, D) shared."""
     if _kind(heads[0]) == "linear":
         return _linear(x, heads)
     z = _linear(x, [h[0] for h in heads])
     z = F.relu(_batchnorm(z, [h[1] for h in heads], training))
     if training:
-        assert gens is not None
-        z = _dropout(z, [float(h[3].p) for h in heads], gens)
+        assert states is not None
+        z = _dropout(z, [float(h[3].p) for h in heads], states)
     return _linear(z, [h[4] for h in heads])
 
 
@@ -171,11 +193,12 @@ def train_heads(jobs: list[HeadJob], train: Split, val: Split, task: str,
     # What the sequential job draws: its shuffle from a generator seeded with its seed, its
     # dropout from the global RNG right after torch.manual_seed(seed).
     perm_gens = [torch.Generator().manual_seed(j.cfg.seed) for j in jobs]
-    drop_gens = [torch.Generator(device=device).manual_seed(j.cfg.seed) for j in jobs]
+    drop_states = [seeded_state(j.cfg.seed, device) for j in jobs]
     states = [EpochState() for _ in jobs]
     active = list(range(len(jobs)))
     for epoch in range(cfg0.epochs):
         heads = [jobs[i].head for i in active]
+        shared_seed = len({jobs[i].cfg.seed for i in active}) == 1
         for h in heads:
             h.train()
         batches = [torch.randperm(n, generator=perm_gens[i]).to(device).split(cfg0.batch_size)
@@ -186,8 +209,12 @@ def train_heads(jobs: list[HeadJob], train: Split, val: Split, task: str,
             idx = [b[step] for b in batches]
             if len(idx[0]) < 2:  # BatchNorm1d cannot train on a single sample
                 continue
-            logits = forward(heads, torch.stack([x[i] for i in idx]), True,
-                             [drop_gens[i] for i in active])
+            shared = shared_seed or all(torch.equal(i, idx[0]) for i in idx[1:])
+            inputs = x[idx[0]] if shared else torch.stack([x[i] for i in idx])
+            rng = [drop_states[i] for i in active]
+            logits = forward(heads, inputs, True, rng)
+            for j, i in enumerate(active):
+                drop_states[i] = rng[j]
             losses = []
             for j, i in enumerate(active):
                 w = ambiguity_weights(logits[j], task, jobs[i].cfg.alpha)
@@ -204,7 +231,7 @@ def train_heads(jobs: list[HeadJob], train: Split, val: Split, task: str,
             for h in heads:
                 h.eval()
             with torch.no_grad():
-                val_logits = forward(heads, val[0].expand(len(heads), -1, -1), False)
+                val_logits = forward(heads, val[0], False)
         still = []
         for j, i in enumerate(active):
             job, state = jobs[i], states[i]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,32 @@ def test_heads() -> None:
         build_head("deep", 16, 3)
     with pytest.raises(EffbenchError, match="strategy.precomputed.dropout=1.5"):
         build_head("mlp", 16, 3, dropout=1.5)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_replayed_passes_equal_real_passes(momentum: float | None) -> None:
+    """One recorded forward pass replayed as BatchNorm's update gives the statistics, changes
+    and counters of real passes (train-mode BN never feeds its running stats forward)."""
+    from effbench.features.bn_adapt import _real_passes, batchnorm_layers, bn_state
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4))
+    real = copy.deepcopy(model)
+    batches = _shifted_batches()
+    replayed = adapt_batchnorm(model, lambda: batches, threshold=1e-3, max_passes=20,
+                               momentum=momentum)
+    layers = batchnorm_layers(real)
+    real.eval()
+    for m in layers:
+        m.train()
+        m.momentum = momentum
+        if momentum is None:
+            m.num_batches_tracked.zero_()
+    with torch.no_grad():
+        reference = _real_passes(real, layers, lambda: batches, 1e-3, 20, momentum)
+    assert replayed.forward_passes == 1 and reference.forward_passes == replayed.passes
+    assert replayed.passes == reference.passes and replayed.changes == pytest.approx(
+        reference.changes, rel=1e-4)
+    for (k, a), b in zip(bn_state(model).items(), bn_state(real).values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), k

@@ -47,7 +47,8 @@ def test_hit_decodes_no_image_runs_no_backbone_and_matches_the_miss(
     decoded = _count(monkeypatch, SyntheticDataModule, "load")
     built = _count(monkeypatch, effbench.backbones, "build_backbone")
     forwards = _count(monkeypatch, Backbone, "forward")
-    hit = run_job(tmp_path / "b", PRE)
+    # save_model=false: keeping the model is the one thing that builds a hit job's backbone.
+    hit = run_job(tmp_path / "b", [*PRE, "strategy.precomputed.save_model=false"])
     assert hit["status"] == "completed", hit["error"]
     assert decoded == built == forwards == []
     h = hit["strategy"]["precomputed"]
