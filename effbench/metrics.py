@@ -14,24 +14,25 @@ from torchmetrics.classification import (
 )
 
 
-def build_metrics(task: str, num_classes: int) -> MetricCollection:
+def build_metrics(task: str, num_classes: int, validate_args: bool = True) -> MetricCollection:
     """acc, macro F1, per-class accuracy and AUROC (macro + per class) for the task."""
+    v = {"validate_args": validate_args}
     if task == "multilabel":
         n = num_classes
         return MetricCollection({
-            "acc": MultilabelAccuracy(n, average="micro"),
-            "f1_macro": MultilabelF1Score(n, average="macro"),
-            "acc_per_class": MultilabelAccuracy(n, average=None),
-            "auroc_macro": MultilabelAUROC(n, average="macro"),
-            "auroc_per_class": MultilabelAUROC(n, average=None),
+            "acc": MultilabelAccuracy(n, average="micro", **v),
+            "f1_macro": MultilabelF1Score(n, average="macro", **v),
+            "acc_per_class": MultilabelAccuracy(n, average=None, **v),
+            "auroc_macro": MultilabelAUROC(n, average="macro", **v),
+            "auroc_per_class": MultilabelAUROC(n, average=None, **v),
         })
     c = num_classes
     return MetricCollection({
-        "acc": MulticlassAccuracy(c, average="micro"),
-        "f1_macro": MulticlassF1Score(c, average="macro"),
-        "acc_per_class": MulticlassAccuracy(c, average=None),
-        "auroc_macro": MulticlassAUROC(c, average="macro"),
-        "auroc_per_class": MulticlassAUROC(c, average=None),
+        "acc": MulticlassAccuracy(c, average="micro", **v),
+        "f1_macro": MulticlassF1Score(c, average="macro", **v),
+        "acc_per_class": MulticlassAccuracy(c, average=None, **v),
+        "auroc_macro": MulticlassAUROC(c, average="macro", **v),
+        "auroc_per_class": MulticlassAUROC(c, average=None, **v),
     })
 
 

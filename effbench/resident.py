@@ -21,6 +21,17 @@ from effbench.data.base import ImageDataModule, TensorImages
 log = logging.getLogger(__name__)
 
 
+class DeviceImages(TensorImages):
+    """:class:`TensorImages` on a GPU. The batch index travels through pinned memory without
+    blocking: indexing a device tensor with a host index would copy it from pageable memory, which
+    waits for every queued kernel, a full synchronisation per step."""
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(idx, dtype=torch.long).pin_memory().to(self.images.device,
+                                                                    non_blocking=True)
+        return self.images[index], self.labels[index]
+
+
 class ResidentData(Callback):
     """Moves a datamodule's in-memory splits to the training device when they fit the plan's
     share of its memory; records what it did (``facts``)."""
@@ -29,21 +40,24 @@ class ResidentData(Callback):
         self.datamodule, self.share = datamodule, float(share)
         self.facts: dict[str, Any] = {"on_device": False}
         self._pin = datamodule.pin_memory
+        self._host: dict[str, TensorImages] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         device = trainer.strategy.root_device
         if self.share <= 0 or device.type != "cuda":
             return
         splits = {s: ds for s, ds in self.datamodule.datasets.items()
-                  if isinstance(ds, TensorImages)}
+                  if isinstance(ds, TensorImages) and not isinstance(ds, DeviceImages)}
         size = sum(ds.images.numel() * ds.images.element_size() for ds in splits.values())
         budget = self.share * torch.cuda.get_device_properties(device).total_memory
         self.facts = {"on_device": bool(splits) and size <= budget, "bytes": size,
                       "budget_bytes": int(budget)}
         if not self.facts["on_device"]:
             return
-        for ds in splits.values():
-            ds.images, ds.labels = ds.images.to(device), ds.labels.to(device)
+        self._host = dict(splits)
+        for split, ds in splits.items():
+            self.datamodule.datasets[split] = DeviceImages(ds.images.to(device),
+                                                           ds.labels.to(device))
         # Pinning applies to host memory only (the loader would fail on device tensors).
         self._pin, self.datamodule.pin_memory = self.datamodule.pin_memory, False
         log.info("training data on %s: %.1f MB of uint8 images", device, size / 2**20)
@@ -53,7 +67,5 @@ class ResidentData(Callback):
         # reads the loaders on the CPU; the next fit/test moves the data again.
         if not self.facts.get("on_device"):
             return
-        for ds in self.datamodule.datasets.values():
-            if isinstance(ds, TensorImages):
-                ds.images, ds.labels = ds.images.cpu(), ds.labels.cpu()
+        self.datamodule.datasets.update(self._host)
         self.datamodule.pin_memory = self._pin

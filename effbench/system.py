@@ -22,7 +22,9 @@ class ClassifierSystem(pl.LightningModule):
         self.task, self.class_names = task, list(class_names)
         self.optim, self.scheduler_cfg, self.monitor = dict(optim), scheduler, monitor
         n = len(class_names)
-        self.train_acc = build_metrics(task, n)["acc"].clone()  # for the train–val gap
+        # For the train-val gap. No input validation: its checks read values back from the GPU,
+        # a synchronisation on every training step.
+        self.train_acc = build_metrics(task, n, validate_args=False)["acc"].clone()
         self.val_metrics = build_metrics(task, n)
         self.test_metrics = build_metrics(task, n)
         self.best_val: dict[str, float] = {}
