@@ -308,6 +308,9 @@ class Precomputed(Technique):
         if not (isinstance(self.ambiguity_weight, (int, float)) and self.ambiguity_weight >= 0):
             raise EffbenchError(f"invalid value strategy.precomputed.ambiguity_weight="
                                 f"{self.ambiguity_weight!r}: use 0 (off) or a positive α.")
+        if not isinstance(self.save_model, bool):
+            raise EffbenchError("invalid value strategy.precomputed.save_model="
+                                f"{self.save_model!r}: use true or false.")
         if self.head_batch_size is not None and not (
                 isinstance(self.head_batch_size, int) and self.head_batch_size >= 2):
             raise EffbenchError("invalid value "

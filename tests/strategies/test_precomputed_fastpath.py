@@ -127,3 +127,9 @@ def test_eval_on_model_takes_the_ordinary_path_and_tests_the_model(tmp_path: Pat
     s = again["strategy"]["precomputed"]
     assert not s["fast_path"]["used"] and s["cache_hit"] and s["equivalence"]["ok"]
     assert again["metrics"] == pytest.approx(first["metrics"], abs=1e-6)
+
+
+def test_a_bad_save_model_value_is_one_sentence(tmp_path: Path) -> None:
+    summary = run_job(tmp_path, ["strategy=precomputed", "strategy.precomputed.save_model=maybe"])
+    assert summary["status"] == "failed"
+    assert "strategy.precomputed.save_model='maybe'" in summary["error"]
