@@ -143,6 +143,7 @@ class RunContext:
     world_size: int = 1
     recipe: Any = None  # effbench.recipe.Recipe: optimizer, scheduler, early stopping, checkpoint
     plan: Any = None  # effbench.hardware.HardwarePlan: resolved once, read by everything
+    resident: Any = None  # the last Trainer's ResidentData (what it did: facts)
     techniques: list = field(default_factory=list)  # the stack, in the order they act
     resume: dict[str, Any] | None = None  # {"path", "epoch", "run_dir"} of the checkpoint
     history_rows: list[dict[str, str]] = field(default_factory=list)  # CSV rows before a resume
@@ -190,10 +191,11 @@ class RunContext:
         return {**opts, **self.trainer_args}
 
     def make_trainer(self, callbacks: list[Callback], **overrides: Any) -> pl.Trainer:
+        self.resident = ResidentData(self.datamodule,
+                                     self.plan.data_on_device_share if self.plan else 0.0)
         kwargs = {**self.trainer_options(), "logger": self.loggers(),
                   "callbacks": [*callbacks, self.record, EpochSeed(int(self.cfg.seed)),
-                                ResidentData(self.datamodule, self.plan.data_on_device_share
-                                             if self.plan else 0.0)],
+                                self.resident],
                   # Checkpoints (last.ckpt every epoch, for resume) are written by a background
                   # thread from cloned tensors, so training does not wait on serialisation and
                   # fsync; each file still appears atomically, and fit's teardown waits for all.

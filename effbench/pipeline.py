@@ -133,7 +133,9 @@ def save_model(ctx: RunContext, techniques: list[Technique]) -> dict[str, Any]:
             return saved_model.save(ctx, saved_model.network_model(ctx), "default")
     except Exception as err:  # noqa: BLE001 - recorded and reported, the results stay
         message = str(err) if isinstance(err, EffbenchError) else f"{type(err).__name__}: {err}"
-        log.warning("the model was not saved: %s", message, exc_info=True)
+        # An expected refusal (a sentence) needs no traceback; anything else keeps one.
+        log.warning("the model was not saved: %s", message,
+                    exc_info=not isinstance(err, EffbenchError))
         return {"error": message}
 
 

@@ -285,6 +285,7 @@ def _fill_results(summary: dict[str, Any], ctx: RunContext, model_facts: dict[st
     summary["best_val"] = _best_val(sys_.best_val, _numeric(ctx.history_rows))
     summary["epochs"] = ctx.epochs
     summary["data"] = {**ctx.datamodule.describe(),
+                       "on_device": ctx.resident.facts if ctx.resident else {"on_device": False},
                        "preprocessing": ctx.datamodule.preprocessing.describe()}
     summary["model"] = {**model_stats(sys_), **model_facts}
     if ctx.record.before["train_s"] and "train" in ctx.times:

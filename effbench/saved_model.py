@@ -136,8 +136,8 @@ def network_model(ctx: RunContext, compress: bool = False) -> SavedModel:
         # undo what the fast path saves).
         raise EffbenchError(f"the job's backbone ({type(system.backbone).__name__}) holds no "
                             "weights: the job was served from the feature cache and never built "
-                            "it; run it with strategy.precomputed.eval_on=model to build and "
-                            "save the model.")
+                            "it; keep strategy.precomputed.save_model=true (the default) to "
+                            "have it rebuilt and saved.")
     tensors = {**_state(system.backbone, "backbone"), **_state(system.head, "head")}
     info: dict[str, Any] = {"head": describe_head(system.head)}
     if compress:

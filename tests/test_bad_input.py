@@ -77,6 +77,7 @@ CASES: list[tuple[list[str], str]] = [
     (["seed=abc"], "seed='abc'"),
     (["hardware.lr_scaling=quadratic"], "hardware.lr_scaling='quadratic'"),
     (["hardware.cpu_threads=0"], "hardware.cpu_threads=0"),
+    (["hardware.data_on_device=maybe"], "hardware.data_on_device='maybe'"),
     (["objective=test/acc"], "objective=test/acc would tune on the test set"),
     (["objective=accuracy"], "objective='accuracy'"),
     (["tracking.energy=true", "tracking.country=XXX"], "tracking.country='XXX'"),
