@@ -110,6 +110,7 @@ def main() -> None:
     OmegaConf.set_struct(cfg, False)
     import tempfile
 
+    load = os.getloadavg()[0]  # before this script adds its own
     times: dict[str, list[float]] = {"effbench": [], "plain": [], "full": []}
     imgs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,8 +133,8 @@ def main() -> None:
     full = 100 * (med['full'] / med['plain'] - 1)
     print(f"  overhead           : {overhead:+.1f} % time (training machinery), {full:+.1f} % "
           "as a run")
-    load = os.getloadavg()[0]
-    print(f"  load average at the end: {load:.2f}" + ("" if load < 1 else " (NOT a quiet machine)"))
+    print(f"  load average at the start: {load:.2f}" + ("" if load < 1 else
+                                                     " (NOT a quiet machine)"))
     print(json.dumps({"overhead_pct": round(overhead, 2), "overhead_as_run_pct": round(full, 2),
                       "load_avg": round(load, 2),
                       "effbench_img_s": round(thr["effbench"], 1),
