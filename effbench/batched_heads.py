@@ -206,10 +206,12 @@ def pretrain(tasks: list[DictConfig], work_dir: Path) -> None:
     with cpu_threads(threads):
         results = train_heads(jobs, on["train"], on["val"], dm.task, sys0.class_names, device)
     seconds = time.perf_counter() - start
-    kwh = energy.stop().get("kwh")
+    group_energy = energy.stop()
+    kwh, co2 = group_energy.get("kwh"), group_energy.get("co2_kg")
     k = len(tasks)
     for task, job, result, logged in zip(tasks, jobs, results, rows):
         PRETRAINED[job_key(task)] = Pretrained(
             {n: t.detach().cpu().clone() for n, t in job.head.state_dict().items()}, result,
             logged, {"heads": k, "group_s": seconds, "share_s": seconds / k,
-                     "energy_kwh_share": kwh / k if kwh is not None else None})
+                     "energy_kwh_share": kwh / k if kwh is not None else None,
+                     "co2_kg_share": co2 / k if co2 is not None else None})

@@ -184,7 +184,8 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         tracker.start()
         pipeline.fit(ctx, techniques, recipe)
         summary["strategy"], model_facts = pipeline.finalize(ctx, techniques)
-        summary["energy"] = _whole_run_energy(tracker.stop(), ctx.record)
+        summary["energy"] = _with_batched_share(_whole_run_energy(tracker.stop(), ctx.record),
+                                                summary["strategy"])
         _fill_results(summary, ctx, model_facts)
         summary["objective"] = objective(cfg, summary)
         summary["headline"] = pipeline.headline(techniques, summary)
@@ -234,6 +235,18 @@ def _whole_run_energy(energy: dict[str, Any], record: RunRecord) -> dict[str, An
         energy = {**energy, "kwh": energy["kwh"] + before,
                   "co2_kg": energy["co2_kg"] + before * share, "kwh_before_resume": before}
     return energy
+
+
+def _with_batched_share(energy: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """A head trained batched with its sweep group (hydra/launcher=batched_heads) was trained
+    outside this job's tracker: its share of the group's measured energy joins the job's own."""
+    group = next((f["batched"] for f in facts.values() if isinstance(f, dict)
+                  and isinstance(f.get("batched"), dict)), None)
+    if not group or group.get("energy_kwh_share") is None or energy.get("kwh") is None:
+        return energy
+    return {**energy, "kwh": energy["kwh"] + group["energy_kwh_share"],
+            "co2_kg": (energy.get("co2_kg") or 0.0) + (group.get("co2_kg_share") or 0.0),
+            "kwh_batched_share": group["energy_kwh_share"]}
 
 
 def _write_error_log(run_dir: Path, text: str) -> None:

@@ -92,3 +92,16 @@ def test_cli_sweep_with_the_batched_launcher(tmp_path: Path) -> None:
     batched = [s["strategy"]["precomputed"].get("batched") for s in summaries]
     # The first job builds the cache alone; the other three train as one batched model.
     assert batched[0] is None and [b["heads"] for b in batched[1:]] == [3, 3, 3]
+
+
+def test_a_batched_job_carries_its_share_of_the_group_energy() -> None:
+    """The group's training ran outside each job's tracker: the job's energy adds its share."""
+    from effbench.run import _with_batched_share
+
+    own = {"kwh": 0.001, "co2_kg": 0.0004, "mode": {"cpu": "tdp_x_load_estimate"}}
+    facts = {"precomputed": {"batched": {"heads": 4, "energy_kwh_share": 0.002,
+                                         "co2_kg_share": 0.0008}}}
+    energy = _with_batched_share(own, facts)
+    assert energy["kwh"] == pytest.approx(0.003) and energy["co2_kg"] == pytest.approx(0.0012)
+    assert energy["kwh_batched_share"] == 0.002 and energy["mode"] == own["mode"]
+    assert _with_batched_share(own, {"precomputed": {}}) == own  # a job trained on its own
