@@ -1,5 +1,11 @@
 """The one exception type that the CLI turns into a single clear sentence and a non-zero exit."""
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
 
 class EffbenchError(Exception):
     """A user-facing error: bad config value, missing data, absent hardware, unusable weights.
@@ -36,3 +42,14 @@ def user_message(err: BaseException) -> str | None:
         return (f"{group}.{match.group(1)} is not an option of this {group}; remove "
                 f"{group}.{match.group(1)}=… (see `effbench --cfg job` for the options).")
     return None
+
+
+def exit_with_one_line(prog: str, run: Callable[[list[str] | None], int],
+                       argv: list[str] | None, code: int) -> NoReturn:
+    """A console script's ``main``: ``run``'s exit status, or one ``<prog>: error: …`` line and
+    ``code`` for an :class:`EffbenchError` (a sentence for the user, no traceback)."""
+    try:
+        sys.exit(run(argv))
+    except EffbenchError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(code)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from effbench.errors import EffbenchError
+from effbench.errors import exit_with_one_line
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,11 +56,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        sys.exit(run(argv))
-    except EffbenchError as err:
-        print(f"effbench-eval: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    exit_with_one_line("effbench-eval", run, argv, 1)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,12 @@ class ResidentData(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         device = trainer.strategy.root_device
-        if self.share <= 0 or device.type != "cuda":
+        if device.type != "cuda":
+            self.facts = {"on_device": False, "why": f"{device.type}: the images already are in "
+                          "the memory the model reads (hardware.data_on_device acts on GPUs)"}
+            return
+        if self.share <= 0:
+            self.facts = {"on_device": False, "why": "hardware.data_on_device=false"}
             return
         splits = {s: ds for s, ds in self.datamodule.datasets.items()
                   if isinstance(ds, TensorImages) and not isinstance(ds, DeviceImages)}
@@ -59,7 +64,7 @@ class ResidentData(Callback):
             self.datamodule.datasets[split] = DeviceImages(ds.images.to(device),
                                                            ds.labels.to(device))
         # Pinning applies to host memory only (the loader would fail on device tensors).
-        self._pin, self.datamodule.pin_memory = self.datamodule.pin_memory, False
+        self.datamodule.pin_memory = False
         log.info("training data on %s: %.1f MB of uint8 images", device, size / 2**20)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -79,15 +79,8 @@ def build_context(cfg: DictConfig, run_dir: Path, techniques: list[Technique], r
 
 def _cached_parts(cfg: DictConfig, techniques: list[Technique],
                   ) -> tuple[torch.nn.Module, ImageDataModule] | None:
-    """A technique that can serve the job from a cache (precomputed's index hit) returns a
-    stand-in backbone and a labels-only datamodule: no image decoded, no backbone built. An
-    optional hook (``cached_parts``), looked up by name: only precomputed has one."""
-    for t in techniques:
-        hook = getattr(t, "cached_parts", None)
-        parts = hook(cfg) if hook is not None else None
-        if parts is not None:
-            return parts
-    return None
+    """The first technique that can serve the job from a cache (``Technique.cached_parts``)."""
+    return next((parts for t in techniques if (parts := t.cached_parts(cfg)) is not None), None)
 
 
 def build_run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> RunContext:

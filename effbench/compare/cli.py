@@ -13,7 +13,7 @@ from effbench.compare.output import prepare_out
 from effbench.compare.plots import write_plots
 from effbench.compare.search import search_cost, search_text
 from effbench.compare.table import terminal_text, write_tables
-from effbench.errors import EffbenchError
+from effbench.errors import exit_with_one_line
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,11 +75,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        sys.exit(run(argv))
-    except EffbenchError as err:
-        print(f"effbench-compare: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_with_one_line("effbench-compare", run, argv, 2)
 
 
 if __name__ == "__main__":

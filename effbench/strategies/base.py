@@ -23,8 +23,11 @@ from pytorch_lightning.callbacks import Callback
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
+    from omegaconf import DictConfig
+    from torch import nn
 
     from effbench.context import RunContext
+    from effbench.data.base import ImageDataModule
     from effbench.saved_model import SavedModel
 
 # What a technique may change. Two techniques that both own a "sampling" or a "loop" conflict.
@@ -97,6 +100,12 @@ class Technique:
         """After testing: make changes permanent, measure, return this technique's facts (a
         ``"model"`` entry is merged into ``summary["model"]``)."""
         return {}
+
+    def cached_parts(self, cfg: DictConfig) -> tuple[nn.Module, ImageDataModule] | None:
+        """Before anything is built: a technique that can serve the whole job from a cache
+        (precomputed's index hit) returns a stand-in backbone and a labels-only datamodule, so
+        no image is decoded and no backbone built. None: build as usual."""
+        return None
 
     def saved_model(self, ctx: RunContext) -> SavedModel | None:
         """After ``finalize``: the form in which this technique's model is kept in
