@@ -80,6 +80,7 @@ CASES: list[tuple[list[str], str]] = [
     (["hardware.lr_scaling=quadratic"], "hardware.lr_scaling='quadratic'"),
     (["hardware.cpu_threads=0"], "hardware.cpu_threads=0"),
     (["hardware.data_on_device=maybe"], "hardware.data_on_device='maybe'"),
+    (["strategy=freeze", "strategy.freeze.unfreeze_lr=1e-4"], "strategy.freeze.unfreeze_lr=0.0001"),
     (["objective=test/acc"], "objective=test/acc would tune on the test set"),
     (["objective=accuracy"], "objective='accuracy'"),
     (["tracking.energy=true", "tracking.country=XXX"], "tracking.country='XXX'"),

@@ -26,6 +26,8 @@ def test_finetune_end_to_end(tmp_path: Path, multilabel: bool) -> None:
     assert on_disk["model"]["size_bytes"] > 4 * on_disk["model"]["params_total"]
     assert on_disk["throughput_img_s"] > 0
     assert on_disk["env"]["torch"] and on_disk["env"]["device"]
+    if on_disk["hardware"]["accelerator"] == "cpu":  # the GPU-resident option says why it idled
+        assert on_disk["data"]["on_device"]["why"].startswith("cpu: ")
     assert on_disk["best_val"]["val/loss"] > 0
     # The evidence: per-epoch CSV, TensorBoard events, resolved config.
     rows = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()
