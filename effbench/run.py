@@ -214,10 +214,16 @@ def objective(cfg: DictConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """The value a sweeper optimises: from ``metrics`` (e.g. val/acc_max) or the best-val-loss
     epoch (``best_val``, e.g. val/acc). validate() has already refused a test metric unless the
     user asked for it."""
-    metric = str(cfg.get("objective") or "val/acc")
+    metric = str(cfg.get("objective") or default_objective(summary["data"].get("task")))
     value = summary["metrics"].get(metric, summary["best_val"].get(metric))
     source = "metrics" if metric in summary["metrics"] else "best_val"
     return {"metric": metric, "value": value, "source": source if value is not None else None}
+
+
+def default_objective(task: str | None) -> str:
+    """The headline of the task: macro AUROC for multilabel data (accuracy there is per label at
+    0.5, which the multilabel studies never report), validation accuracy otherwise."""
+    return "val/auroc_macro" if task == "multilabel" else "val/acc"
 
 
 def _whole_run_energy(energy: dict[str, Any], record: RunRecord) -> dict[str, Any]:

@@ -85,7 +85,9 @@ def check_trainer(cfg: DictConfig) -> None:
 
 def check_objective(cfg: DictConfig) -> None:
     """A sweeper is never handed a test metric unless the user asks for it (objective_on_test)."""
-    metric = str(cfg.get("objective") or "")
+    if cfg.get("objective") is None:
+        return  # the task's headline (run.default_objective), a validation metric
+    metric = str(cfg.get("objective"))
     if metric.startswith("test/") and not cfg.get("objective_on_test", False):
         raise EffbenchError(f"objective={metric} would tune on the test set; use a validation "
                             "metric such as objective=val/acc or val/acc_max, or set "

@@ -43,7 +43,8 @@ def test_default_objective_is_validation(tmp_path: Path) -> None:
     for args in ([], ["experiment=precomputed_optuna"]):
         res = run_cli(["--cfg", "job", *args], cwd=tmp_path)
         assert res.returncode == 0, res.stderr
-        assert yaml.safe_load(res.stdout)["objective"] == "val/acc"
+        # null: the task's validation headline (val/acc, or val/auroc_macro when multilabel).
+        assert yaml.safe_load(res.stdout)["objective"] == ("val/acc" if args else None)
 
 
 def test_test_objective_needs_explicit_consent(tmp_path: Path) -> None:

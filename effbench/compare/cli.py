@@ -42,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--search-cost", default=None, metavar="KEY",
                    help="the cost of a hyper-parameter search per value of KEY (e.g. strategy): "
-                        "summed training time, best job by --metric (default val/acc), N× faster")
+                        "summed training time, best job by --metric (default val/acc; "
+                        "val/auroc_macro when multilabel), N× faster")
     return p
 
 
@@ -60,7 +61,7 @@ def run(argv: list[str] | None = None) -> int:
     for path, why in runs.attrs["skipped"]:  # said before any error below, and in compare.md
         print(f"effbench-compare: warning: skipped {path}: {why}.", file=sys.stderr)
     if args.search_cost:
-        table = search_cost(runs, args.search_cost, args.metric or "val/acc")
+        table = search_cost(runs, args.search_cost, args.metric)
         print(search_text(table, args.search_cost))
         return 0
     comp = compare(runs, metric=args.metric, by=by, baseline=args.baseline)

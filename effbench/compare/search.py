@@ -14,7 +14,11 @@ import pandas as pd
 from effbench.errors import EffbenchError
 
 
-def search_cost(runs: pd.DataFrame, key: str, metric: str) -> pd.DataFrame:
+def search_cost(runs: pd.DataFrame, key: str, metric: str | None = None) -> pd.DataFrame:
+    if metric is None:  # the runs' default objective: macro AUROC on multilabel data
+        done = runs[runs["status"] == "completed"]
+        multilabel = len(done) and (done["task"] == "multilabel").all()
+        metric = "val/auroc_macro" if multilabel else "val/acc"
     if key not in runs.columns:
         raise EffbenchError(f"--search-cost {key}: no run sets {key}; use a key that names the "
                             "searches, e.g. --search-cost strategy.")
