@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from effbench import pipeline
+from effbench import pipeline, predictions
 from effbench.compare.hparams import log_hparams
 from effbench.config import techniques as techniques_label
 from effbench.context import RunContext, RunRecord
@@ -180,6 +180,8 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         summary["energy"] = _with_batched_share(_whole_run_energy(tracker.stop(), ctx.record),
                                                 summary["strategy"])
         _fill_results(summary, ctx, model_facts)
+        if rank0:  # <run>/predictions.npz: per test sample, for paired comparisons
+            summary["predictions"] = predictions.write(run_dir, ctx.system, ctx.datamodule)
         summary["objective"] = objective(cfg, summary)
         summary["headline"] = pipeline.headline(techniques, summary)
         if rank0:  # TensorBoard's HParams tab: config + final metrics

@@ -51,6 +51,8 @@ SCHEMA: dict[str, Any] = {
         "objective": {"type": "object", "required": ["metric", "value"]},
         "resumed_from": _str,
         "headline": _str,
+        # <run>/predictions.npz (effbench.predictions): file, sha256, rows, test_ids_sha256.
+        "predictions": {"type": "object"},
     },
 }
 

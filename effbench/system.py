@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from effbench.metrics import build_metrics, split_scalars
+from effbench.metrics import build_metrics, probabilities, split_scalars
 
 
 class ClassifierSystem(pl.LightningModule):
@@ -29,6 +29,11 @@ class ClassifierSystem(pl.LightningModule):
         self.test_metrics = build_metrics(task, n)
         self.best_val: dict[str, float] = {}
         self.test_results: dict[str, Any] = {}
+        # Per test sample, in the test split's order: probabilities and labels (on the CPU once
+        # the test ends), written to <run>/predictions.npz (effbench.predictions).
+        self.test_predictions: dict[str, torch.Tensor] = {}
+        self._test_probs: list[torch.Tensor] = []
+        self._test_labels: list[torch.Tensor] = []
         self.val_history: list[dict[str, float]] = []
         self._train_loss_sum: torch.Tensor | None = None
         self._train_seen = 0
@@ -94,12 +99,31 @@ class ClassifierSystem(pl.LightningModule):
         self.log("test/loss", self.loss_fn(logits, y), on_epoch=True, batch_size=len(y),
                  sync_dist=True)
         self.test_metrics.update(logits.float(), self._targets(y))
+        # Kept on the device (no sync per step); gathered and moved once, at the epoch's end.
+        self._test_probs.append(probabilities(logits.detach().float(), self.task))
+        self._test_labels.append(y.detach())
+
+    def on_test_epoch_start(self) -> None:
+        self._test_probs, self._test_labels = [], []
 
     def on_test_epoch_end(self) -> None:
         scalars, per_class = split_scalars(self.test_metrics.compute(), "test", self.class_names)
         self.test_metrics.reset()
         self.log_dict(scalars, sync_dist=True)
         self.test_results = {"scalars": scalars, "per_class": per_class}
+        if self._test_probs:
+            self.test_predictions = {"probs": self._gathered(torch.cat(self._test_probs)).cpu(),
+                                     "labels": self._gathered(torch.cat(self._test_labels)).cpu()}
+        self._test_probs, self._test_labels = [], []
+
+    def _gathered(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows in the test split's order. The distributed sampler deals sample
+        ``i·W + r`` to rank ``r`` (equal shares, padded at the end), so rank-major gathered rows
+        interleave back; the padding is cut where the predictions are written."""
+        if self.trainer.world_size <= 1:
+            return t
+        gathered = self.all_gather(t)  # (W, n, ...)
+        return gathered.transpose(0, 1).reshape(-1, *t.shape[1:])
 
     def scaled_lr(self) -> float:
         """The recipe's lr × the plan's scale (the world size with hardware.lr_scaling=linear)."""

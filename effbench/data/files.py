@@ -40,6 +40,7 @@ from effbench.backbones.base import Preprocessing
 from effbench.data.base import ImageDataModule
 from effbench.data.imagefolder import ImageFiles, readable_mask, warn_unreadable
 from effbench.errors import EffbenchError
+from effbench.predictions import relative_id
 from effbench.rundir import publish
 
 log = logging.getLogger(__name__)
@@ -302,6 +303,9 @@ class FileListDataModule(ImageDataModule):
             # Opened (not decoded) once here, so no loader worker meets a file that does not open.
             masks = {s: readable_mask(fl.paths) for s, fl in lists.items()}
         lists = self._drop_unreadable(lists, masks)
+        # Stable sample ids (paths relative to the root) for <run>/predictions.npz.
+        self.sample_ids = {s: [relative_id(p, self.root_path) for p in fl.paths]
+                           for s, fl in lists.items()}
         self.groups = {s: fl.groups for s, fl in lists.items() if fl.groups is not None}
         if self.cache_images:
             return self._from_cache(lists, files, cached.path)

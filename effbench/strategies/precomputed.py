@@ -55,6 +55,7 @@ from effbench.features.extract import extract_features, train_batches
 from effbench.features.head_training import HeadTraining, cpu_threads, evaluate_head, train_head
 from effbench.features.heads import build_head
 from effbench.features.lookup import lookup_key, lookup_parts
+from effbench.predictions import from_logits, sample_ids
 from effbench.strategies.base import Technique
 from effbench.summary import state_dict_bytes
 
@@ -190,6 +191,8 @@ class Precomputed(Technique):
         dm.configure(pre)
         dm.restore_labels({s: y for s, (_, y) in self._hit.feats.items()},
                           list(entry["class_names"]))
+        if "test_ids" in entry:  # the file names of the test rows, for predictions.npz
+            dm.sample_ids = {"test": json.loads(entry["test_ids"])}
         self._fast = {"used": True, "index": self._lookup}
         return CachedBackbone(json.loads(entry["backbone"]), pre), dm
 
@@ -487,9 +490,13 @@ class Precomputed(Technique):
                 self._write_index(ctx, proof)
             if self.eval_on == "model":
                 sys_.test_results = results
+                sys_.test_predictions = from_logits(logits, on_features[1], dm.task)
                 return
         sys_.test_results = evaluate_head(sys_.head, sys_.loss_fn, on_features, dm.task,
                                           sys_.class_names)
+        with torch.no_grad():  # <run>/predictions.npz, as the Lightning test step keeps them
+            sys_.test_predictions = from_logits(sys_.head(on_features[0]), on_features[1],
+                                                dm.task)
 
     def _model_logits(self, ctx: RunContext, n: int, device: torch.device) -> torch.Tensor:
         """The final model (adapted backbone + head) on the first ``n`` test images, as the
@@ -532,5 +539,5 @@ class Precomputed(Technique):
                  "bn_skipped": json.dumps(skipped), "class_names": list(dm.class_names),
                  "preprocessing": json.dumps(dataclasses.asdict(dm.preprocessing)),
                  "backbone": json.dumps(facts), "content": json.dumps(keys.parts, default=str),
-                 "equivalence": json.dumps(proof)}
+                 "equivalence": json.dumps(proof), "test_ids": json.dumps(sample_ids(dm))}
         FeatureCache(ctx.cfg.cache_dir).index().store(self._lookup, entry)

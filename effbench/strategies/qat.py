@@ -27,7 +27,7 @@ from torch import nn
 from effbench.compression import cpu_latency_ms, module_bytes
 from effbench.compression.int8 import lower_x86, padded_forward
 from effbench.errors import EffbenchError
-from effbench.metrics import build_metrics, split_scalars
+from effbench.metrics import build_metrics, probabilities, split_scalars
 from effbench.saved_model import SavedModel, int8_graph_model
 from effbench.strategies.base import Technique
 from effbench.summary import state_dict_bytes
@@ -263,6 +263,9 @@ class Qat(Technique):
                 fq_all.append(fq)
                 q_all.append(q)
         scalars, per_class = split_scalars(metrics.compute(), "int8/test", dm.class_names)
+        if ctx.system.test_predictions:  # beside the fp32 model's in <run>/predictions.npz
+            ctx.system.test_predictions["int8_probs"] = probabilities(torch.cat(q_all).float(),
+                                                                      dm.task)
         return {"int8_metrics": scalars, "int8_per_class": per_class,
                 "int8_agreement": agreement(torch.cat(fq_all), torch.cat(q_all), dm.task)}
 
