@@ -4,10 +4,19 @@ The training split is partitioned into ``A`` (α images, trained on every epoch)
 rest). After each epoch ``n`` (1-based) the validation accuracy ``acc_n`` decides whether ``A`` is
 resampled for the next epoch (the study's Figs. 4-7):
 
-* ``base``: if ``|acc_n - acc_{n-1}| < δ``: ``A ← α(1-β₀) of A  ∪  αβ₀ of B`` (Eq. 1).
-* ``adaptive`` (the variant): if ``acc_n <= acc_{n-1}``: type-I resample as above from the current
-  ``A``; else if ``acc_n - acc_{n-1} < δ``: type-II resample from the best set so far ``A*``:
+* ``base``: if the change ``Δ = acc_n - acc_{n-1}`` stalls: ``A ← α(1-β₀) of A  ∪  αβ₀ of B``
+  (Eq. 1).
+* ``adaptive`` (the variant): if ``Δ <= 0``: type-I resample as above from the current ``A``;
+  else if ``Δ < δ``: type-II resample from the best set so far ``A*``:
   ``A ← α(1-β_n) of A*  ∪  αβ_n of (all - A*)`` with ``β_n = γⁿ·β₀`` (Eqs. 2-3, n = the epoch).
+
+"Stalls" has two readings in the study (``trigger``): ``abs``, Fig. 5's pseudocode
+``abs(currentAcc - priorAcc) < δ`` (a large drop is not a stall), and ``improvement``, the text's
+"la mejora del desempeño es menor al umbral δ" (``Δ < δ``: every drop resamples). For the variant,
+``abs`` keeps A after a drop of δ or more. ``None`` takes each scheme's own: ``abs`` for the base
+scheme (its only formal statement), ``improvement`` for the variant (its text tests "no gain"
+first).
+δ is in accuracy units: δ = 0.01 is one percentage point.
 
 ``B`` is always the complement of the set being resampled (Fig. 7: ``setDifference(setTotal, ·)``),
 so the new ``A`` has exactly α distinct images, ``round(α·β)`` of them new. ``A*`` is the set that
@@ -34,6 +43,8 @@ from torch.utils.data import DistributedSampler
 from effbench.errors import EffbenchError
 
 KEEP, TYPE_I, TYPE_II = 0, 1, 2
+TRIGGERS = ("abs", "improvement")
+DEFAULT_TRIGGER = {"base": "abs", "adaptive": "improvement"}
 
 
 @dataclass(frozen=True)
@@ -47,13 +58,21 @@ class Decision:
 NO_RESAMPLE = Decision(KEEP)
 
 
+def stalled(s: SubsetSchedule, change: float) -> bool:
+    """The resampling test: ``|Δ| < δ`` (trigger=abs) or ``Δ < δ`` (trigger=improvement)."""
+    return (abs(change) if s.trigger == "abs" else change) < s.delta
+
+
 def base_rule(s: SubsetSchedule, acc: float, prior: float, n: int) -> Decision:
-    """Fig. 4-a: resample from the current A when the change is below δ (either sign)."""
-    return Decision(TYPE_I, s.beta0) if abs(acc - prior) < s.delta else NO_RESAMPLE
+    """Fig. 4-a: resample from the current A when the accuracy stalls (``stalled``)."""
+    return Decision(TYPE_I, s.beta0) if stalled(s, acc - prior) else NO_RESAMPLE
 
 
 def adaptive_rule(s: SubsetSchedule, acc: float, prior: float, n: int) -> Decision:
-    """Fig. 4-b: no gain → type I from A; a gain below δ → type II from A* with β = γⁿβ₀."""
+    """Fig. 4-b: no gain → type I from A; a gain below δ → type II from A* with β = γⁿβ₀.
+    With trigger=abs a drop of δ or more is not a stall: A is kept."""
+    if not stalled(s, acc - prior):
+        return NO_RESAMPLE
     if acc <= prior:
         return Decision(TYPE_I, s.beta_at(n) if s.decay_all else s.beta0)
     if acc - prior < s.delta:
@@ -93,9 +112,10 @@ class SubsetSchedule:
 
     def __init__(self, n_total: int, alpha: int, beta: float, delta: float, gamma: float,
                  variant: str = "base", resample: bool = True, decay_all: bool = False,
-                 seed: int = 0) -> None:
-        _check(variant, beta, delta, gamma)
+                 seed: int = 0, trigger: str | None = None) -> None:
+        _check(variant, beta, delta, gamma, trigger)
         self.n_total, self.alpha, self.variant = int(n_total), int(alpha), variant
+        self.trigger = trigger or DEFAULT_TRIGGER[variant]
         self.beta0, self.delta, self.gamma = float(beta), float(delta), float(gamma)
         self.resample, self.decay_all = bool(resample), bool(decay_all)
         # Resampling is a no-op when A is the whole split (alpha=1.0: the full-set control).
@@ -144,10 +164,13 @@ class SubsetSchedule:
         if decision.kind != KEEP:
             source = self.best_subset if decision.kind == TYPE_II else trained
             self.subset, replaced = self.resample_from(source, decision.beta)
+        change = None if self.prior_acc is None else float(acc - self.prior_acc)
         self.prior_acc = acc
-        record = {"epoch": n, "acc": float(acc), "subset_size": len(trained),
+        # beta: the β this epoch's resample used (β₀ for type I unless decay_all, γⁿβ₀ for type
+        # II), 0 when A is kept — not γⁿβ₀ on every epoch, which type I does not use.
+        record = {"epoch": n, "acc": float(acc), "change": change, "subset_size": len(trained),
                   "resampled": int(decision.kind != KEEP), "type": decision.kind,
-                  "beta": self.beta_at(n), "replaced": replaced,
+                  "beta": decision.beta if decision.kind != KEEP else 0.0, "replaced": replaced,
                   "seen": int(self.seen.sum()), "checksum": _checksum(trained)}
         self.history.append(record)
         return record
@@ -171,15 +194,18 @@ class SubsetSchedule:
                 "generator": self.generator.get_state(),
                 "history": [dict(r) for r in self.history],
                 "config": {"n_total": self.n_total, "alpha": self.alpha, "beta": self.beta0,
-                           "variant": self.variant}}
+                           "variant": self.variant, "trigger": self.trigger}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()["config"]
-        if state["config"] != mine:
+        # A checkpoint from before the trigger option ran its scheme's own reading.
+        theirs = {"trigger": DEFAULT_TRIGGER.get(state["config"].get("variant"), "abs"),
+                  **state["config"]}
+        if theirs != mine:
             raise EffbenchError(f"the checkpoint's dynamic schedule {state['config']} does not "
                                 f"match this run's {mine}; resume with the same "
-                                "strategy.dynamic.alpha, "
-                                "strategy.dynamic.beta, strategy.dynamic.variant and dataset.")
+                                "strategy.dynamic.alpha, strategy.dynamic.beta, "
+                                "strategy.dynamic.variant, strategy.dynamic.trigger and dataset.")
         self.subset, self.best_subset = state["subset"].clone(), state["best_subset"].clone()
         self.best_acc, self.prior_acc = state["best_acc"], state["prior_acc"]
         self.seen, self.epoch = state["seen"].clone(), int(state["epoch"])
@@ -188,7 +214,7 @@ class SubsetSchedule:
 
     def summary(self) -> dict[str, Any]:
         h = self.history
-        return {"subset_size": self.alpha, "train_size": self.n_total,
+        return {"subset_size": self.alpha, "train_size": self.n_total, "trigger": self.trigger,
                 "resamples": sum(r["resampled"] for r in h),
                 "resamples_type1": sum(r["type"] == TYPE_I for r in h),
                 "resamples_type2": sum(r["type"] == TYPE_II for r in h),
@@ -197,10 +223,16 @@ class SubsetSchedule:
                 "best_subset_acc": self.best_acc, "history": [dict(r) for r in h]}
 
 
-def _check(variant: str, beta: float, delta: float, gamma: float) -> None:
+def _check(variant: str, beta: float, delta: float, gamma: float,
+           trigger: str | None = None) -> None:
     if variant not in RULES:
         raise EffbenchError(f"invalid value strategy.dynamic.variant={variant!r}: use one of "
                             f"{', '.join(RULES)}.")
+    if trigger is not None and trigger not in TRIGGERS:
+        raise EffbenchError(f"invalid value strategy.dynamic.trigger={trigger!r}: use abs "
+                            "(|Δacc| < δ, the study's pseudocode), improvement (Δacc < δ, its "
+                            "text) or null (the scheme's own: abs for base, improvement for "
+                            "adaptive).")
     if not 0 <= beta <= 1:
         raise EffbenchError(f"invalid value strategy.dynamic.beta={beta!r}: use a fraction in [0, "
                             "1] "

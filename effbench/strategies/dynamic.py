@@ -1,7 +1,8 @@
 """``dynamic``: train on a subset A of α images, resampled when validation accuracy stalls.
 
 The dynamic-training study (CIFAR-10, 14-conv CNN): the base scheme replaces a fraction β of A by
-unseen images whenever the epoch-to-epoch accuracy change is below δ; the ``adaptive`` variant
+unseen images whenever the epoch-to-epoch accuracy change is below δ (``trigger``: ``|Δ| < δ`` or
+``Δ < δ``, the study's two readings; δ = 0.01 is one percentage point); the ``adaptive`` variant
 distinguishes type-I (no gain: resample the current A) and type-II (small gain: resample the best
 set A* with β = γⁿ·β₀). Controls: ``alpha=1.0`` (full set), ``resample=false`` (fixed subset).
 The logic lives in :mod:`effbench.sampling`; this class wires it into the shared fit.
@@ -31,8 +32,9 @@ class Dynamic(Technique):
     def __init__(self, name: str = "dynamic", variant: str = "base", alpha: float | int = 0.5,
                  beta: float = 0.7, delta: float = 0.01, gamma: float = 0.97,
                  resample: bool = True, decay_all: bool = False, metric: str = "val/acc",
-                 ) -> None:
+                 trigger: str | None = None) -> None:
         super().__init__(name)
+        self.trigger = trigger
         self.variant, self.alpha, self.beta = variant, alpha, float(beta)
         self.delta, self.gamma, self.resample = float(delta), float(gamma), bool(resample)
         self.decay_all, self.metric = bool(decay_all), metric
@@ -44,7 +46,7 @@ class Dynamic(Technique):
         seed = int(ctx.cfg.seed)
         schedule = SubsetSchedule(n_total, resolve_alpha(self.alpha, n_total), self.beta,
                                   self.delta, self.gamma, self.variant, self.resample,
-                                  self.decay_all, seed=seed)
+                                  self.decay_all, seed=seed, trigger=self.trigger)
         self._sampling = DynamicSampling(schedule, self.metric, seed=seed)
         ctx.datamodule.train_sampler = self._sampling.sampler
 

@@ -20,7 +20,7 @@ from effbench.sampling import (
     SubsetSchedule,
     resolve_alpha,
 )
-from tests.conftest import load_summary, run_cli, run_job
+from tests.conftest import TINY, load_summary, run_cli, run_job
 
 N, ALPHA = 1000, 400
 
@@ -85,10 +85,40 @@ def test_beta_follows_gamma_power_n() -> None:
     s = schedule(variant="adaptive", beta=0.7, gamma=0.97)
     for n in range(1, 13):
         rec = s.step(0.5 + 0.001 * n)            # always a small gain → type II from epoch 2 on
-        assert rec["beta"] == pytest.approx(0.97 ** n * 0.7)
+        assert rec["beta"] == pytest.approx(0.97 ** n * 0.7 if n > 1 else 0.0)
         assert rec["type"] == (TYPE_II if n > 1 else KEEP)
         assert rec["replaced"] == (round(ALPHA * 0.97 ** n * 0.7) if n > 1 else 0)
         check_partition(s)
+
+
+@pytest.mark.parametrize(("decay_all", "want"), [(False, 0.7), (True, 0.97 ** 2 * 0.7)])
+def test_type_one_logs_the_beta_it_used(decay_all: bool, want: float) -> None:
+    # Epoch 2 drops: type I from the current A with β₀ (γ²β₀ = 0.659 only with decay_all).
+    s = schedule(variant="adaptive", beta=0.7, gamma=0.97, decay_all=decay_all)
+    s.step(0.50)
+    rec = s.step(0.45)
+    assert rec["type"] == TYPE_I
+    assert rec["beta"] == pytest.approx(want) and rec["replaced"] == round(ALPHA * want)
+
+
+# accuracy per epoch: a drop of 5 pp (more than δ = 1 pp), then a gain of 0.5 pp (less than δ)
+DROP_THEN_SMALL_GAIN = [0.50, 0.45, 0.455]
+
+
+@pytest.mark.parametrize(("variant", "trigger", "types"), [
+    ("base", "abs", [KEEP, KEEP, TYPE_I]),              # Fig. 5: |Δ| < δ; a big drop is no stall
+    ("base", "improvement", [KEEP, TYPE_I, TYPE_I]),    # the text: Δ < δ, every drop resamples
+    ("base", None, [KEEP, KEEP, TYPE_I]),               # the base scheme's own reading: abs
+    ("adaptive", "improvement", [KEEP, TYPE_I, TYPE_II]),
+    ("adaptive", "abs", [KEEP, KEEP, TYPE_II]),
+    ("adaptive", None, [KEEP, TYPE_I, TYPE_II]),        # the variant's own reading: improvement
+])
+def test_trigger_readings(variant: str, trigger: str | None, types: list[int]) -> None:
+    s = schedule(variant=variant, delta=0.01, trigger=trigger)
+    assert [s.step(acc)["type"] for acc in DROP_THEN_SMALL_GAIN] == types
+    assert s.summary()["trigger"] == (trigger or {"base": "abs", "adaptive": "improvement"}[
+        variant])
+    assert [r["change"] for r in s.history][1:] == pytest.approx([-0.05, 0.005])
 
 
 def test_n_is_the_epoch_even_when_validation_skips_epochs() -> None:
@@ -159,6 +189,7 @@ def test_bad_alpha(alpha: float) -> None:
     ({"beta": 1.5}, "strategy.dynamic.beta=1.5"),
     ({"gamma": 0.0}, "strategy.dynamic.gamma=0.0"),
     ({"delta": -0.1}, "strategy.dynamic.delta=-0.1"),
+    ({"trigger": "sideways"}, "strategy.dynamic.trigger='sideways'"),
     # 400 new images, only 200 outside A
     ({"alpha": 800, "beta": 0.5}, "lower strategy.dynamic.beta"),
 ])
@@ -243,6 +274,23 @@ def test_resume_through_lightning_continues_schedule(tmp_path: Path) -> None:
     # The whole run's records: both parts' images (2 epochs before the resume + 2 after).
     assert resumed["strategy"]["dynamic"]["images_trained"] == whole["strategy"]["dynamic"][
         "images_trained"] == 4 * 48
+
+
+def test_trigger_option_is_honoured_or_refused_through_the_cli(tmp_path: Path) -> None:
+    bad = run_cli([*TINY, *DYN, "strategy.dynamic.trigger=sideways"], cwd=tmp_path / "bad")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "strategy.dynamic.trigger='sideways'" in bad.stderr and "use abs" in bad.stderr
+    # Watching val/loss, the changes are falls: improvement (Δ < δ) resamples after each one,
+    # abs (|Δ| < δ) only after falls smaller than δ.
+    res = run_cli([*TINY, *DYN, "trainer.max_epochs=4", "strategy.dynamic.metric=val/loss",
+                   "strategy.dynamic.trigger=improvement"], cwd=tmp_path / "good")
+    assert res.returncode == 0, res.stderr[-2000:]
+    [path] = (tmp_path / "good" / "outputs").rglob("summary.json")
+    facts = json.loads(path.read_text())["strategy"]["dynamic"]
+    assert facts["trigger"] == "improvement"
+    history = facts["history"][1:]
+    assert any(r["change"] <= -0.01 for r in history)  # an epoch the two readings disagree on
+    assert [r["resampled"] for r in history] == [int(r["change"] < 0.01) for r in history]
 
 
 def test_bad_variant_fails_with_one_sentence(tmp_path: Path) -> None:
