@@ -3,6 +3,10 @@
 Kept light like ``effbench``: torch loads only after the arguments are parsed, so ``--help``
 answers at once. Bad input (no such folder, no saved model, a file whose sha256 does not match
 the manifest) is one ``effbench-eval: error: …`` line and exit status 1.
+
+RUN_DIR may come from anyone: its files are read as data and nothing they name is called
+(``effbench.received``, docs/reliability.md "Received folders"); what they say reaches the
+terminal with control characters escaped.
 """
 
 from __future__ import annotations
@@ -23,21 +27,27 @@ def parser() -> argparse.ArgumentParser:
                     "recorded. In Python: from effbench.saved_model import load; "
                     "model = load(RUN_DIR); logits = model(uint8_images).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a completed run's folder (or its model/)")
+    p.add_argument("--data-root", metavar="DIR", default=None,
+                   help="where the run's images are, when not at the dataset.root the run used "
+                        "(a relative root is taken from the folder the run was started in)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (metrics, recorded, model) instead of the table")
     return p
 
 
 def table(result: dict[str, Any], manifest: dict[str, Any], where: str) -> str:
-    lines = [f"effbench-eval: {where} ({manifest['kind']}, made by {manifest['produced_by']} in "
-             f"strategy={','.join(manifest.get('techniques', []))}), {result['images']} test "
-             f"images of {result['dataset']}",
+    from effbench.received import printable  # strings from the manifest: no terminal escapes
+
+    lines = [printable(f"effbench-eval: {where} ({manifest['kind']}, made by "
+                       f"{manifest.get('produced_by')} in strategy="
+                       f"{','.join(manifest.get('techniques', []))}), {result['images']} test "
+                       f"images of {result['dataset']}"),
              f"  {'metric':<24}{'now':>10}{'run':>10}{'diff':>11}"]
     for name, value in result["metrics"].items():
         run = result["recorded"].get(name)
         diff = f"{value - run:+.2e}" if run is not None else "n/a"
         run_text = f"{run:.6f}" if run is not None else "n/a"
-        lines.append(f"  {name:<24}{value:>10.6f}{run_text:>10}{diff:>11}")
+        lines.append(f"  {printable(name):<24}{value:>10.6f}{run_text:>10}{diff:>11}")
     return "\n".join(lines)
 
 
@@ -46,7 +56,7 @@ def run(argv: list[str] | None = None) -> int:
     from effbench.saved_model import evaluate, load  # torch, after --help
 
     model = load(args.run_dir)
-    result = evaluate(model)
+    result = evaluate(model, data_root=args.data_root)
     if args.json:
         print(json.dumps({**result, "model": str(model.model_dir),
                           "kind": model.manifest["kind"]}))

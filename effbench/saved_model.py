@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,18 @@ from effbench.compression.int8 import FixedBatch, lower_x86
 from effbench.compression.structured import module_shapes, resize_to
 from effbench.errors import EffbenchError
 from effbench.metrics import build_metrics, split_scalars
+from effbench.received import (
+    RefusedFile,
+    accepted_parameters,
+    build_dataset,
+    dataset_options,
+    first_line,
+    is_plain,
+    read_json,
+    read_regular,
+    read_yaml,
+    shown,
+)
 from effbench.rundir import write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -50,7 +64,6 @@ FORMAT, VERSION = "effbench-model", 1
 MODEL_DIR, MANIFEST = "model", "manifest.json"
 WEIGHTS, GRAPH = "weights.safetensors", "graph.json"
 BACKBONE_TARGET = "effbench.backbones.build_backbone"
-DATASET_TARGETS = "effbench.data."
 _CHUNK = 1 << 20
 
 
@@ -111,13 +124,61 @@ def describe_head(module: nn.Module) -> dict[str, Any]:
                         "effbench.saved_model.HEAD_LAYERS.")
 
 
-def build_head(spec: dict[str, Any]) -> nn.Module:
-    if spec.get("type") == "Sequential":
-        return nn.Sequential(*(build_head(s) for s in spec.get("layers", [])))
-    entry = HEAD_LAYERS.get(str(spec.get("type")))
-    if entry is None:
-        raise ValueError(f"unknown head layer {spec.get('type')!r}")
-    return entry[0](**dict(spec.get("args", {})))
+# A head from a manifest is built from these layer types only, with arguments of these types:
+# numbers within bounds a head can have (a crafted 10^6 × 10^6 Linear would exhaust memory).
+MAX_WIDTH, MAX_WEIGHTS, MAX_DEPTH = 1 << 20, 1 << 28, 64
+
+
+def _head_error(where: str, what: str) -> EffbenchError:
+    return EffbenchError(f"{where}: the head {what}; restore the model folder from the run, or "
+                         "run the job again.")
+
+
+def _layer_args(name: str, args: Any, where: str) -> dict[str, Any]:
+    cls = HEAD_LAYERS[name][0]
+    if not isinstance(args, dict):
+        raise _head_error(where, f"layer {name} has args {shown(args)}, not a mapping")
+    accepted = accepted_parameters(cls) - {"device", "dtype", "inplace"}
+    for key, value in args.items():
+        if key not in accepted:
+            raise _head_error(where, f"layer {name} has no argument {shown(key)} (it takes "
+                                     f"{', '.join(sorted(accepted)) or 'none'})")
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int) and not 0 <= value <= MAX_WIDTH and key.endswith("features"):
+            raise _head_error(where, f"layer {name} has {key}={shown(value)}, outside "
+                                     f"0..{MAX_WIDTH}")
+        if not isinstance(value, (int, float, str)):
+            raise _head_error(where, f"layer {name} has {key}={shown(value)}, not a number, "
+                                     "string or boolean")
+    if name == "Linear" and isinstance(args.get("in_features"), int) \
+            and isinstance(args.get("out_features"), int) \
+            and args["in_features"] * args["out_features"] > MAX_WEIGHTS:
+        raise _head_error(where, f"layer Linear has {args['in_features']}×{args['out_features']} "
+                                 f"weights, more than the {MAX_WEIGHTS:,} a head can have")
+    return dict(args)
+
+
+def build_head(spec: Any, where: str = MANIFEST, depth: int = 0) -> nn.Module:
+    """The head a manifest describes, from :data:`HEAD_LAYERS` only; any other layer type or
+    argument is one sentence (a manifest is a file from outside)."""
+    if not isinstance(spec, dict):
+        raise _head_error(where, f"is {shown(spec)}, not a layer description")
+    kind = spec.get("type")
+    if kind == "Sequential":
+        layers = spec.get("layers", [])
+        if not isinstance(layers, list) or depth >= MAX_DEPTH or len(layers) > MAX_DEPTH:
+            raise _head_error(where, "has a Sequential whose layers are not a short list")
+        return nn.Sequential(*(build_head(s, where, depth + 1) for s in layers))
+    if not isinstance(kind, str) or kind not in HEAD_LAYERS:
+        raise _head_error(where, f"layer type {shown(kind)} is not one effbench saves (layers: "
+                                 f"Sequential, {', '.join(HEAD_LAYERS)})")
+    args = _layer_args(kind, spec.get("args", {}), where)
+    try:
+        return HEAD_LAYERS[kind][0](**args)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise _head_error(where, f"layer {kind}({shown(args)}) cannot be built "
+                                 f"({type(err).__name__}: {first_line(err)})") from err
 
 
 # -- what techniques save --------------------------------------------------------------------------
@@ -194,6 +255,9 @@ def save(ctx: RunContext, model: SavedModel, produced_by: str) -> dict[str, Any]
         "head": model.info.get("head"),
         "metric_prefix": model.metric_prefix, "metrics": model.metrics,
         "dataset": ctx.cfg.dataset.get("name"), "seed": ctx.cfg.get("seed"),
+        # A relative dataset.root is relative to this folder; effbench-eval run elsewhere
+        # resolves it here, and checks it rebuilt this very test split.
+        "cwd": os.getcwd(), **test_split_record(dm),
         "info": {k: v for k, v in model.info.items() if k != "head"},
         "files": {name: {"bytes": len(data), "sha256": _sha256(data)}
                   for name, data in files.items()},
@@ -226,19 +290,96 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     model_dir = model_dir_of(path)
     where = model_dir / MANIFEST
     try:
-        manifest = json.loads(where.read_text())
-    except (OSError, ValueError) as err:
-        raise EffbenchError(f"{where} is not a readable manifest ({err}); restore it from the "
-                            "run, or run the job again.") from err
+        manifest = read_json(where)
+    except RefusedFile as err:
+        raise EffbenchError(f"{where} is not read: {err}; restore it from the run, or run the "
+                            "job again.") from err
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError too
+        raise EffbenchError(f"{where} is not a readable manifest ({first_line(err)}); restore "
+                            "it from the run, or run the job again.") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EffbenchError(f"{where} is not an {FORMAT} manifest; pass a folder written by an "
                             "effbench run.")
     if manifest.get("version") != VERSION or manifest.get("kind") not in LOADERS:
-        raise EffbenchError(f"{where} has {FORMAT} version {manifest.get('version')} kind "
-                            f"{manifest.get('kind')!r}, which this effbench cannot read (version "
-                            f"{VERSION}: {', '.join(LOADERS)}); load it with the effbench that "
-                            "wrote it.")
+        raise EffbenchError(f"{where} has {FORMAT} version {shown(manifest.get('version'))} "
+                            f"kind {shown(manifest.get('kind'))}, which this effbench cannot read "
+                            f"(version {VERSION}: {', '.join(LOADERS)}); load it with the "
+                            "effbench that wrote it.")
+    check_manifest(manifest, where)
     return model_dir, manifest
+
+
+# What every manifest entry that loading reads must be (a manifest is a file from outside: a
+# wrong type is one sentence here, not a traceback somewhere later).
+def _is_int(v: Any, low: int = 0, high: int = 1 << 20) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _triple(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)
+
+
+MANIFEST_ENTRIES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "techniques": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+                   "a list of technique names"),
+    "produced_by": (lambda v: isinstance(v, str), "a string"),
+    "backbone": (lambda v: isinstance(v, dict), "the backbone's config (a mapping)"),
+    "image_size": (lambda v: v is None or _is_int(v, 1, 4096), "null or a size in pixels"),
+    "num_classes": (lambda v: _is_int(v, 1), "a number of classes"),
+    "task": (lambda v: v in ("multiclass", "multilabel"), "multiclass or multilabel"),
+    "class_names": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+                    "a list of class names"),
+    "preprocessing": (lambda v: isinstance(v, dict), "the test step's preprocessing"),
+    "metric_prefix": (lambda v: isinstance(v, str), "a string"),
+    "metrics": (lambda v: isinstance(v, dict) and all(_is_number(x) or x is None
+                                                      for x in v.values()),
+                "a mapping of metric names to numbers"),
+    "info": (lambda v: isinstance(v, dict), "a mapping"),
+    "files": (lambda v: isinstance(v, dict) and all(isinstance(e, dict) for e in v.values()),
+              "a mapping of file names to their size and sha256"),
+}
+# Preprocessing fields: sizes, mean/std triples (std nonzero), names.
+PREPROCESSING: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "crop_size": (lambda v: _is_int(v, 1, 4096), "a size in pixels"),
+    "resize_size": (lambda v: _is_int(v, 1, 4096), "a size in pixels"),
+    "mean": (_triple, "3 numbers"),
+    "std": (lambda v: _triple(v) and all(x != 0 for x in v), "3 nonzero numbers"),
+    "interpolation": (lambda v: isinstance(v, str), "a string"),
+    "source": (lambda v: isinstance(v, str), "a string"),
+    "normalize": (lambda v: isinstance(v, bool), "true or false"),
+    "expected_mean": (lambda v: v is None or _triple(v), "null or 3 numbers"),
+    "expected_std": (lambda v: v is None or _triple(v), "null or 3 numbers"),
+}
+REQUIRED_PREPROCESSING = ("crop_size", "resize_size", "mean", "std")
+
+
+def _refuse(where: Path, key: str, value: Any, should: str) -> EffbenchError:
+    return EffbenchError(f"{where}: {key}={shown(value)} is not {should}; restore the model "
+                         "folder from the run, or run the job again.")
+
+
+def check_manifest(manifest: dict[str, Any], where: Path) -> None:
+    """Every entry that loading reads has the type it must have (one sentence otherwise)."""
+    for key in ("preprocessing", "class_names", "num_classes", "task", "files"):
+        if key not in manifest:
+            raise EffbenchError(f"{where} has no {key}; restore the model folder from the run, "
+                                "or run the job again.")
+    for key, (ok, should) in MANIFEST_ENTRIES.items():
+        if key in manifest and not ok(manifest[key]):
+            raise _refuse(where, key, manifest[key], should)
+    pre = manifest["preprocessing"]
+    missing = [k for k in REQUIRED_PREPROCESSING if k not in pre]
+    if missing:
+        raise EffbenchError(f"{where}: preprocessing has no {', '.join(missing)}; restore the "
+                            "model folder from the run, or run the job again.")
+    for key, value in pre.items():
+        if key not in PREPROCESSING or not PREPROCESSING[key][0](value):
+            should = PREPROCESSING[key][1] if key in PREPROCESSING else "a preprocessing field"
+            raise _refuse(where, f"preprocessing.{key}", value, should)
 
 
 def read_file(model_dir: Path, manifest: dict[str, Any], name: str) -> bytes:
@@ -249,8 +390,14 @@ def read_file(model_dir: Path, manifest: dict[str, Any], name: str) -> bytes:
         raise EffbenchError(f"{model_dir / MANIFEST} does not list {name}; restore the model "
                             "folder from the run, or run the job again.")
     path = model_dir / name
+    size = entry.get("bytes")
+    if not _is_int(size, 0, 1 << 40):
+        raise _refuse(model_dir / MANIFEST, f"files.{name}.bytes", size, "a size in bytes")
     try:
-        data = path.read_bytes()
+        data = read_regular(path, limit=size)
+    except RefusedFile as err:
+        raise EffbenchError(f"{path} is not read: {err} (the manifest lists {size:,} bytes); "
+                            "restore the file from the run, or run the job again.") from err
     except OSError as err:
         raise EffbenchError(f"{path} cannot be read ({err.strerror or err}); restore it from the "
                             "run, or run the job again.") from err
@@ -279,25 +426,60 @@ def rebuild_backbone(manifest: dict[str, Any]) -> nn.Module:
     from effbench.backbones import build_backbone
 
     node = dict(manifest.get("backbone") or {})
-    if node.pop("_target_", None) != BACKBONE_TARGET:
-        raise EffbenchError(f"the manifest's backbone._target_ is not {BACKBONE_TARGET}; a saved "
-                            "model is rebuilt only by effbench's backbone factory.")
+    target = node.pop("_target_", None)
+    if target != BACKBONE_TARGET:
+        raise EffbenchError(f"the manifest's backbone._target_={shown(target)} is not "
+                            f"{BACKBONE_TARGET}, so it is not called: a saved model is rebuilt "
+                            "only by effbench's backbone factory, from registered names.")
+    for key, value in node.items():
+        plain = is_plain(value) or (key == "head" and isinstance(value, dict)
+                                    and all(is_plain(v) for v in value.values()))
+        if not isinstance(key, str) or key.startswith("_") or not plain:
+            raise EffbenchError(f"the manifest's backbone.{shown(key)}={shown(value)} is not a "
+                                "plain option of effbench's backbone factory; restore the model "
+                                "folder from the run, or run the job again.")
     node["weights"] = None
-    return build_backbone(**node, image_size=manifest.get("image_size"))
+    try:
+        return build_backbone(**node, image_size=manifest.get("image_size"))
+    except EffbenchError as err:
+        raise EffbenchError(f"the manifest's backbone cannot be rebuilt: {err}") from err
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        raise EffbenchError(f"the manifest's backbone cannot be rebuilt ({type(err).__name__}: "
+                            f"{first_line(err)}); restore the model folder from the run, or run "
+                            "the job again.") from err
+
+
+def _sparse_specs(stored: dict[str, torch.Tensor], info: dict[str, Any],
+                  where: Path) -> dict[str, Any]:
+    """``info.sparse``, checked against the stored tensors before anything is allocated: each
+    entry's shape holds no more elements than its bitmask has bits (a crafted shape could
+    otherwise ask for terabytes)."""
+    specs = info.get("sparse") or {}
+    if not isinstance(specs, dict):
+        raise _refuse(where, "info.sparse", specs, "a mapping of tensor names")
+    for name, spec in specs.items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        mask = stored.get(f"{name}{sparse.MASK}")
+        if not (isinstance(shape, list) and all(_is_int(s, 0, 1 << 31) for s in shape)) \
+                or mask is None or math.prod(shape) > 8 * mask.numel():
+            raise _refuse(where, f"info.sparse.{name}", spec,
+                          "the shape of a tensor stored with its bitmask")
+    return specs
 
 
 def _load_network(model_dir: Path, manifest: dict[str, Any]) -> nn.Module:
     info = manifest.get("info") or {}
     stored = _tensors(model_dir, manifest)
-    network = Network(rebuild_backbone(manifest), build_head(manifest.get("head") or {}))
+    specs = _sparse_specs(stored, info, model_dir / MANIFEST)
+    network = Network(rebuild_backbone(manifest),
+                      build_head(manifest.get("head"), str(model_dir / MANIFEST)))
     try:
-        state = sparse.decode(stored, info.get("sparse") or {})
+        state = sparse.decode(stored, specs)
         resize_to(network, state, info.get("shapes") or {})
         network.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
         raise EffbenchError(f"the weights in {model_dir / WEIGHTS} do not fit the model the "
-                            f"manifest describes ({first}); run the job again.") from err
+                            f"manifest describes ({first_line(err)}); run the job again.") from err
     return network
 
 
@@ -305,14 +487,18 @@ def _load_int8_graph(model_dir: Path, manifest: dict[str, Any]) -> nn.Module:
     import torchao.quantization.pt2e  # noqa: F401 - registers the quantized_decomposed operators
 
     info = manifest.get("info") or {}
+    stored = _tensors(model_dir, manifest)
+    specs = _sparse_specs(stored, info, model_dir / MANIFEST)
     try:
         spec = json.loads(read_file(model_dir, manifest, str(info.get("graph", GRAPH))))
-        tensors = sparse.decode(_tensors(model_dir, manifest), info.get("sparse") or {})
-        graph = from_json(spec, tensors)
-    except (GraphFormatError, ValueError, TypeError, KeyError) as err:
-        raise EffbenchError(f"{model_dir / GRAPH} is not a graph effbench can load ({err}); run "
-                            "the job again.") from err
-    batch, size = int(info.get("batch", 1)), int(manifest["preprocessing"]["crop_size"])
+        graph = from_json(spec, sparse.decode(stored, specs))
+    except (GraphFormatError, ValueError, TypeError, KeyError, AttributeError,
+            IndexError, RuntimeError) as err:
+        raise EffbenchError(f"{model_dir / GRAPH} is not a graph effbench can load "
+                            f"({first_line(err)}); run the job again.") from err
+    batch, size = info.get("batch", 1), manifest["preprocessing"]["crop_size"]
+    if not _is_int(batch, 1, 1 << 16):
+        raise _refuse(model_dir / MANIFEST, "info.batch", batch, "a batch size")
     # Lowering specialises the graph to this shape; the values do not matter.
     return FixedBatch(lower_x86(graph, torch.zeros(batch, 3, size, size)), batch)
 
@@ -323,7 +509,7 @@ LOADERS: dict[str, Callable[[Path, dict[str, Any]], nn.Module]] = {
 
 
 def preprocessing_of(manifest: dict[str, Any]) -> Preprocessing:
-    values = dict(manifest["preprocessing"])
+    values = dict(manifest["preprocessing"])  # types checked by check_manifest
     for key in ("mean", "std", "expected_mean", "expected_std"):
         if values.get(key) is not None:
             values[key] = tuple(float(v) for v in values[key])
@@ -366,52 +552,109 @@ def load(path: str | Path) -> LoadedModel:
 
 
 # -- evaluation ----------------------------------------------------------------------------------
-def _targets(node: Any) -> list[str]:
-    if isinstance(node, dict):
-        own = [str(node["_target_"])] if "_target_" in node else []
-        return own + [t for v in node.values() for t in _targets(v)]
-    if isinstance(node, list):
-        return [t for v in node for t in _targets(v)]
-    return []
+def test_split_record(dm: Any) -> dict[str, Any]:
+    """What identifies the test split a model was scored on (its size and a hash of its labels in
+    order), so ``effbench-eval`` can tell the rebuilt split from other images."""
+    labels = getattr(dm, "labels", {}).get("test")
+    if labels is None:
+        return {}
+    data = labels.detach().to("cpu").contiguous().numpy().tobytes()
+    return {"test_images": len(labels), "test_labels_sha256": _sha256(data)}
 
 
-def rebuild_test_data(run_dir: Path, model: LoadedModel) -> Any:
-    """The run's test split, rebuilt from ``resolved_config.yaml`` (same dataset node, same
-    split seed → same images), with the model's preprocessing."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+def _data_error(what: str) -> EffbenchError:
+    return EffbenchError(f"{what}; pass --data-root DIR pointing at the images the run used "
+                         "(effbench-eval never scores a model on other images).")
+
+
+def received_dataset_options(options: dict[str, Any], manifest: dict[str, Any], where: Path,
+                             data_root: str | Path | None) -> dict[str, Any]:
+    """Where a received config's dataset reads and writes, settled here and not by the file: the
+    images under the root the run used (a relative root joins the folder the run ran in, recorded
+    in the manifest as ``cwd``; or ``data_root``), this user's cache, no download."""
+    from effbench.config import user_cache_dir
+
+    options = dict(options)
+    if "cache_dir" in options:  # never write caches where a received file says
+        options["cache_dir"] = os.environ.get("EFFBENCH_CACHE_DIR") or user_cache_dir()
+    if "download" in options:  # the run's images or none: a missing copy is refused below
+        options["download"] = False
+    root = options.get("root")
+    if data_root is not None:
+        root = str(Path(data_root).expanduser().resolve())
+    elif isinstance(root, str) and not Path(root).expanduser().is_absolute():
+        cwd = manifest.get("cwd")
+        if not (isinstance(cwd, str) and Path(cwd).is_absolute()):
+            raise _data_error(f"dataset.root={shown(root)} in {where} is relative, and the "
+                                     "model's manifest does not record the folder the run was "
+                                     "started in")
+        root = str(Path(cwd) / root)
+    if isinstance(root, str) and not Path(root).expanduser().exists():
+        raise _data_error(f"the run's images are not here: dataset.root={shown(root)} does "
+                                 "not exist")
+    if "root" in options or data_root is not None:
+        options["root"] = root
+    return options
+
+
+def rebuild_test_data(run_dir: Path, model: LoadedModel,
+                      data_root: str | Path | None = None) -> Any:
+    """The run's test split, rebuilt from ``resolved_config.yaml`` (same dataset, same options,
+    same split seed → same images), with the model's preprocessing.
+
+    The file is read as data (``effbench.received``): the dataset is the one that effbench's own
+    ``conf/dataset`` registers under the file's ``_target_``, built with the file's plain options;
+    nothing the file names is called. The rebuilt split must have the classes, size and labels
+    (in order) that the run tested."""
+    import yaml
 
     where = run_dir / "resolved_config.yaml"
     try:
-        node = OmegaConf.to_container(OmegaConf.load(where).dataset, resolve=True)
-    except Exception as err:  # noqa: BLE001 - missing, unreadable or no dataset node: one advice
+        config = read_yaml(where)
+    except RefusedFile as err:
+        raise EffbenchError(f"{where} is not read: {err}; restore the run's "
+                            "resolved_config.yaml.") from err
+    except (OSError, ValueError, yaml.YAMLError) as err:
         raise EffbenchError(f"{where} cannot be read as the run's config ({type(err).__name__}); "
                             "pass the run dir the model was saved in (it holds "
                             "resolved_config.yaml).") from err
-    bad = [t for t in _targets(node) if not t.startswith(DATASET_TARGETS)]
-    if bad:
-        raise EffbenchError(f"{where}: dataset._target_={bad[0]} is not an effbench dataset; "
-                            "restore the run's resolved_config.yaml.")
-    dm = instantiate(node, _convert_="all")
+    cls, options = dataset_options(config.get("dataset") if isinstance(config, dict) else None,
+                                   str(where))
+    options = received_dataset_options(options, model.manifest, where, data_root)
+    dm = build_dataset(cls, options, str(where))
     dm.configure(model.preprocessing)
     dm.setup()
-    if list(dm.class_names) != list(model.manifest.get("class_names", [])):
-        raise EffbenchError(f"the test data of {where} has classes {dm.class_names}, the model "
-                            f"{model.manifest.get('class_names')}; point the dataset at the "
-                            "data the run used.")
+    manifest = model.manifest
+    if list(dm.class_names) != list(manifest["class_names"]):
+        raise _data_error(f"the test data of {where} has classes "
+                                 f"{shown(list(dm.class_names))}, the model "
+                                 f"{shown(manifest['class_names'])}")
+    record = test_split_record(dm)
+    for key in ("test_images", "test_labels_sha256"):
+        if key in manifest and manifest[key] != record.get(key):
+            raise _data_error(f"the test split rebuilt from {where} is not the one the run "
+                                     f"tested ({record.get('test_images')} images, the run "
+                                     f"{shown(manifest.get('test_images'))}; {key} differs)")
     return dm
 
 
-def evaluate(model: LoadedModel, run_dir: str | Path | None = None) -> dict[str, Any]:
+def evaluate(model: LoadedModel, run_dir: str | Path | None = None,
+             data_root: str | Path | None = None) -> dict[str, Any]:
     """The model's metrics on the run's test split (the run's torchmetrics, the run's metric
-    names) next to the ones the run recorded."""
+    names) next to the ones the run recorded. ``data_root``: where the run's images are, when
+    not where the run had them."""
     run_dir = Path(run_dir) if run_dir is not None else model.model_dir.parent
-    dm = rebuild_test_data(run_dir, model)
+    dm = rebuild_test_data(run_dir, model, data_root)
     metrics = build_metrics(dm.task, dm.num_classes)
-    with torch.no_grad():
-        for images, y in dm.loader("test", shuffle=False):
-            logits = model(images)
-            metrics.update(logits.float(), y.long() if dm.task == "multilabel" else y)
+    try:
+        with torch.no_grad():
+            for images, y in dm.loader("test", shuffle=False):
+                logits = model(images)
+                metrics.update(logits.float(), y.long() if dm.task == "multilabel" else y)
+    except RuntimeError as err:  # shapes of a manifest that does not describe this model
+        raise EffbenchError(f"the model in {model.model_dir} does not run on the test images "
+                            f"of {run_dir / 'resolved_config.yaml'} ({first_line(err)}); "
+                            "restore the run folder, or run the job again.") from err
     prefix = str(model.manifest.get("metric_prefix", "test"))
     scalars, _ = split_scalars(metrics.compute(), prefix, dm.class_names)
     recorded = dict(model.manifest.get("metrics") or {})

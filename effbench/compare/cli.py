@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from effbench.compare import safe
 from effbench.compare.group import DEFAULT_BASELINE, compare
 from effbench.compare.load import find_summaries, load_runs
 from effbench.compare.output import prepare_out
@@ -62,13 +63,13 @@ def run(argv: list[str] | None = None) -> int:
         print(f"effbench-compare: warning: skipped {path}: {why}.", file=sys.stderr)
     if args.search_cost:
         table = search_cost(runs, args.search_cost, args.metric)
-        print(search_text(table, args.search_cost))
+        print(safe.text(search_text(table, args.search_cost)))
         return 0
     comp = compare(runs, metric=args.metric, by=by, baseline=args.baseline)
     out = prepare_out(args.out or default_out(args.paths[0]))
     images, skipped = ([], []) if args.no_plots else write_plots(comp, out, args.best_so_far)
     files = write_tables(comp, out, args.sort, images)
-    print(terminal_text(comp, args.sort))
+    print(safe.text(terminal_text(comp, args.sort)))  # no escape sequence from a summary
     print(f"\nwrote {', '.join(str(p) for p in [*files, *images])}")
     for note in skipped:
         print(f"  {note}")

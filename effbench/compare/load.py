@@ -1,9 +1,14 @@
-"""Find and read ``summary.json`` files into one pandas row per run (completed and failed)."""
+"""Find and read ``summary.json`` files into one pandas row per run (completed and failed).
+
+Summaries may come from anyone's run folders: only regular files of bounded size are read (a
+link to ``/dev/zero`` or a named pipe is skipped, not read forever), each is parsed as JSON and
+checked for the types compare relies on, and its strings are cleaned of control characters
+(``compare.safe``) before any of them is printed or written. A file that fails is skipped with
+one warning line naming it and why; it never stops the comparison."""
 
 from __future__ import annotations
 
 import glob
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +16,10 @@ import pandas as pd
 
 from effbench.compare.facts import effective_size, energy_estimated, energy_mode
 from effbench.compare.keys import CHOICE_KEYS, canon, config_of, train_time  # noqa: F401
+from effbench.compare.precision import facts as setup_facts
+from effbench.compare.safe import clean
 from effbench.errors import EffbenchError
+from effbench.received import RefusedFile, first_line, printable, read_json
 
 GLOB_CHARS = set("*?[")
 # The value of a config key that a run did not override (it ran with the config's default).
@@ -19,20 +27,29 @@ UNSET = "default"
 EFFECTIVE_SIZE = "model.size_bytes_effective"  # the size that matters for the technique
 # What compare reads from every summary, with the JSON type it must have.
 REQUIRED: dict[str, type] = {"status": str, "choices": dict, "overrides": list}
+# running: killed outright (or still going); interrupted: stopped by a signal, resumable. Both are
+# listed as incomplete, never dropped.
+STATUSES = ("completed", "failed", "diverged", "running", "interrupted")
+INCOMPLETE = ("running", "interrupted")
+# Sections compare reads as objects (null is fine: "not recorded").
+SECTIONS = ("best_val", "time_s", "energy", "model", "data", "strategy")
+SUMMARY_LIMIT = 16 << 20  # bytes; a summary is a few kB
 
 
 def find_summaries(paths: list[str]) -> list[Path]:
     """Every ``summary.json`` below the given run dirs, sweep dirs, files or glob patterns."""
-    found: dict[Path, None] = {}
+    found: dict[Path, Path] = {}
     for arg in paths:
         for path in _expand(arg):
-            files = [path] if path.is_file() else sorted(path.rglob("summary.json"))
+            files = [path] if not path.is_dir() else sorted(path.rglob("summary.json"))
             for f in files:
-                found.setdefault(f.resolve(), None)
+                # One entry per file (two paths to it count once); named as found, so a link's
+                # warning names the link in the run folder, not where it points.
+                found.setdefault(f.resolve(), f.absolute())
     if not found:
         raise EffbenchError(f"no summary.json found under {' '.join(paths)}; pass run or sweep "
                             "directories such as outputs/multirun/<date>.")
-    return list(found)
+    return list(found.values())
 
 
 def _expand(arg: str) -> list[Path]:
@@ -65,7 +82,8 @@ def numbers_of(summary: dict[str, Any]) -> dict[str, float]:
 def facts_of(summary: dict[str, Any]) -> dict[str, Any]:
     """Non-numeric facts per run: where the effective size came from, how energy was measured."""
     return {"size_source": effective_size(summary)[1],
-            "energy_estimated": energy_estimated(summary), "energy_mode": energy_mode(summary)}
+            "energy_estimated": energy_estimated(summary), "energy_mode": energy_mode(summary),
+            **setup_facts(summary)}  # precision + device: compare flags deltas that mix them
 
 
 def metric_names(summary: dict[str, Any]) -> list[str]:
@@ -93,21 +111,63 @@ def problem_of(summary: Any) -> str | None:
     for key, kind in {**REQUIRED, "metrics": dict}.items():
         if key in summary and not isinstance(summary[key], kind):
             return f"its {key} is a JSON {_json_type(summary[key])}, not {_json_type(kind())}"
-    if summary["status"] not in ("completed", "failed"):
-        return f"its status is {summary['status']!r}, not completed or failed"
+    if summary["status"] not in STATUSES:
+        return (f"its status is {printable(repr(summary['status']), 80)}, not one of "
+                f"{', '.join(STATUSES)}")
+    return wrong_type(summary)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def wrong_type(summary: dict[str, Any]) -> str | None:
+    """The first value whose JSON type is not what compare uses (a crafted or damaged file)."""
+    for i, item in enumerate(summary["overrides"]):
+        if not isinstance(item, str):
+            return f"its overrides[{i}] is a JSON {_json_type(item)}, not a string"
+    for key, value in summary["choices"].items():
+        if isinstance(value, (dict, list)):
+            return f"its choices.{printable(key, 80)} is a JSON {_json_type(value)}, not a value"
+    for key, value in (summary.get("metrics") or {}).items():
+        if value is not None and not _number(value):
+            return (f"its metrics.{printable(key, 80)} is a JSON {_json_type(value)}, not a "
+                    "number")
+    for section in SECTIONS:
+        value = summary.get(section)
+        if value is not None and not isinstance(value, dict):
+            return f"its {section} is a JSON {_json_type(value)}, not an object"
+    for key, value in (summary.get("time_s") or {}).items():
+        if value is not None and not _number(value):
+            return f"its time_s.{printable(key, 80)} is a JSON {_json_type(value)}, not a number"
+    for key, kinds in (("error", (str,)), ("run_dir", (str,)), ("epochs", (int, float)),
+                       ("throughput_img_s", (int, float))):
+        value = summary.get(key)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            return f"its {key} is a JSON {_json_type(value)}"
+    task = (summary.get("data") or {}).get("task")
+    if task is not None and not isinstance(task, str):
+        return f"its data.task is a JSON {_json_type(task)}, not a string"
     return None
 
 
 def read_summary(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """``(summary, None)``, or ``(None, why)`` when the file is unreadable or not a summary."""
     try:
-        summary = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        return None, f"it cannot be read ({getattr(err, 'strerror', None) or err})"
+        summary = read_json(path, SUMMARY_LIMIT)
+        if why := problem_of(summary):
+            return None, why
+        summary = clean(summary)  # no control character from here on
+    except RefusedFile as err:  # a device, a pipe, a huge file: never read
+        return None, str(err)
+    except OSError as err:
+        return None, f"it cannot be read ({printable(err.strerror or err)})"
+    except UnicodeDecodeError:
+        return None, "it is not UTF-8 text"
     except ValueError as err:
-        return None, f"it is not valid JSON ({err})"
-    if why := problem_of(summary):
-        return None, why
+        return None, f"it is not valid JSON ({first_line(err)})"
+    except RecursionError:
+        return None, "it is nested too deeply to be a summary"
     summary.setdefault("run_dir", str(path.parent))
     return summary, None
 
@@ -123,7 +183,7 @@ def load_runs(paths: list[str]) -> pd.DataFrame:
     for path in find_summaries(paths):
         summary, why = read_summary(path)
         if summary is None:
-            skipped.append((str(path), why))
+            skipped.append((printable(path), why))
             continue
         config = config_of(summary)
         keys.update(dict.fromkeys(config))
