@@ -16,7 +16,6 @@ import pandas as pd
 
 from effbench.compare.facts import effective_size, energy_estimated, energy_mode
 from effbench.compare.keys import CHOICE_KEYS, canon, config_of, train_time  # noqa: F401
-from effbench.compare.precision import facts as setup_facts
 from effbench.compare.safe import clean
 from effbench.errors import EffbenchError
 from effbench.received import RefusedFile, first_line, printable, read_json
@@ -27,10 +26,6 @@ UNSET = "default"
 EFFECTIVE_SIZE = "model.size_bytes_effective"  # the size that matters for the technique
 # What compare reads from every summary, with the JSON type it must have.
 REQUIRED: dict[str, type] = {"status": str, "choices": dict, "overrides": list}
-# running: killed outright (or still going); interrupted: stopped by a signal, resumable. Both are
-# listed as incomplete, never dropped.
-STATUSES = ("completed", "failed", "diverged", "running", "interrupted")
-INCOMPLETE = ("running", "interrupted")
 # Sections compare reads as objects (null is fine: "not recorded").
 SECTIONS = ("best_val", "time_s", "energy", "model", "data", "strategy")
 SUMMARY_LIMIT = 16 << 20  # bytes; a summary is a few kB
@@ -82,8 +77,7 @@ def numbers_of(summary: dict[str, Any]) -> dict[str, float]:
 def facts_of(summary: dict[str, Any]) -> dict[str, Any]:
     """Non-numeric facts per run: where the effective size came from, how energy was measured."""
     return {"size_source": effective_size(summary)[1],
-            "energy_estimated": energy_estimated(summary), "energy_mode": energy_mode(summary),
-            **setup_facts(summary)}  # precision + device: compare flags deltas that mix them
+            "energy_estimated": energy_estimated(summary), "energy_mode": energy_mode(summary)}
 
 
 def metric_names(summary: dict[str, Any]) -> list[str]:
@@ -111,9 +105,8 @@ def problem_of(summary: Any) -> str | None:
     for key, kind in {**REQUIRED, "metrics": dict}.items():
         if key in summary and not isinstance(summary[key], kind):
             return f"its {key} is a JSON {_json_type(summary[key])}, not {_json_type(kind())}"
-    if summary["status"] not in STATUSES:
-        return (f"its status is {printable(repr(summary['status']), 80)}, not one of "
-                f"{', '.join(STATUSES)}")
+    if summary["status"] not in ("completed", "failed"):
+        return f"its status is {printable(repr(summary['status']), 80)}, not completed or failed"
     return wrong_type(summary)
 
 
