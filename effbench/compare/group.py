@@ -10,6 +10,7 @@ import pandas as pd
 
 from effbench.compare.keys import CHOICE_KEYS, canon
 from effbench.compare.load import EFFECTIVE_SIZE, UNSET
+from effbench.compare.precision import with_setup
 from effbench.errors import EffbenchError
 
 TIME, CO2 = "train_s", "energy.co2_kg"
@@ -201,7 +202,7 @@ def add_deltas(runs: pd.DataFrame, table: pd.DataFrame, keys: list[str], metric:
     bases = config[is_base].assign(n=table["n"])
     name = label(baseline, list(baseline))
     cols: dict[str, list] = {c: [] for c in (*DELTAS, "d_metric_pp_std", "d_co2_estimated",
-                                             "compared_with", "no_baseline")}
+                                             "compared_with", "no_baseline", "base_row")}
     for i, row in table.iterrows():
         found, why = (None, "") if row["baseline"] else find_baseline(config.loc[i], bases,
                                                                       match, name)
@@ -215,6 +216,7 @@ def add_deltas(runs: pd.DataFrame, table: pd.DataFrame, keys: list[str], metric:
         cols["compared_with"].append(_base_label(config.loc[found], keys)
                                      if found is not None else "")
         cols["no_baseline"].append(why)
+        cols["base_row"].append(found)  # precision.with_setup compares the two rows' set-ups
     return table.assign(**cols)
 
 
@@ -260,6 +262,7 @@ def compare(runs: pd.DataFrame, metric: str | None = None, by: list[str] | None 
     table = aggregate(runs, keys, metric)
     if base:
         table = add_deltas(runs, table, keys, metric, base)
+    table = with_setup(runs, table, keys)  # precision / device per row, deltas that mix them
     common = {k: runs[k].iloc[0] for k in runs.attrs["config_keys"]
               if k not in keys and k != "seed" and runs[k].nunique() == 1}
     return Comparison(runs=runs, table=table, keys=keys, metric=metric, baseline=base,

@@ -16,6 +16,7 @@ import pandas as pd
 
 from effbench.compare.facts import effective_size, energy_estimated, energy_mode
 from effbench.compare.keys import CHOICE_KEYS, canon, config_of, train_time  # noqa: F401
+from effbench.compare.precision import facts as setup_facts
 from effbench.compare.safe import clean
 from effbench.errors import EffbenchError
 from effbench.received import RefusedFile, first_line, printable, read_json
@@ -77,7 +78,8 @@ def numbers_of(summary: dict[str, Any]) -> dict[str, float]:
 def facts_of(summary: dict[str, Any]) -> dict[str, Any]:
     """Non-numeric facts per run: where the effective size came from, how energy was measured."""
     return {"size_source": effective_size(summary)[1],
-            "energy_estimated": energy_estimated(summary), "energy_mode": energy_mode(summary)}
+            "energy_estimated": energy_estimated(summary), "energy_mode": energy_mode(summary),
+            **setup_facts(summary)}  # precision + device: compare flags deltas that mix them
 
 
 def metric_names(summary: dict[str, Any]) -> list[str]:

@@ -19,6 +19,9 @@ from effbench.compare.group import (
     study_lines,
 )
 from effbench.compare.output import write_atomic, write_text_atomic
+from effbench.compare.precision import PRECISION
+from effbench.compare.precision import mark as setup_mark
+from effbench.compare.precision import warning as setup_warning
 
 MARK = "*"  # after an energy / CO₂ figure that is (partly) an estimate, not a reading
 
@@ -82,6 +85,7 @@ def display_table(comp: Comparison, sort: str | None = None) -> pd.DataFrame:
     for _, r in sort_table(comp, sort).iterrows():
         out = {k: r[k] for k in comp.keys}
         out["n"] = f"{r['n']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
+        out["precision"] = r.get(PRECISION) or ""
         out[comp.metric] = _pm(r, comp.metric, ".4f")
         out["train s"] = _pm(r, TIME, ".1f")
         out["CO₂ g"] = _marked(_pm(r, CO2, ".3g", 1000.0), r.get(ESTIMATED))
@@ -105,7 +109,7 @@ def _delta_cells(r: pd.Series, short: str) -> dict[str, str]:
     pp = _signed(r["d_metric_pp"], "", "+.2f")
     if pp and not pd.isna(r["d_metric_pp_std"]):
         pp += f" ± {r['d_metric_pp_std']:.2f}"
-    return {f"Δ {short} pp": pp, "Δ time": _signed(r["d_train_pct"], " %"),
+    return {f"Δ {short} pp": pp, "Δ time": setup_mark(_signed(r["d_train_pct"], " %"), r),
             "speed-up": _num(r["speedup"], ".2f") and f"×{r['speedup']:.2f}",
             "Δ CO₂": _marked(_signed(r["d_co2_pct"], " %"), bool(r["d_co2_estimated"])),
             "Δ trainable": _signed(r["d_params_pct"], " %"),
@@ -142,12 +146,13 @@ def header_lines(comp: Comparison) -> list[str]:
 def footnotes(comp: Comparison) -> list[str]:
     """The marker's meaning, with the measurement modes of the estimated runs."""
     table, done = comp.table, comp.completed
+    mixed = setup_warning(table, lambda r: label(r, comp.keys))  # † on Δ time: one precision?
     if CO2 not in table or not (table[ESTIMATED] & table[CO2].notna()).any():
-        return []  # no marked cell: nothing to explain
+        return [mixed] if mixed else []  # no estimated cell: nothing more to explain
     estimated = done[done[ESTIMATED].eq(True)]
     modes = sorted(set(estimated["energy_mode"].dropna()))
     how = f" (energy.mode {'; '.join(modes)})" if modes else ""
-    return [f"{MARK} estimated from TDP, not measured{how}"]
+    return [*([mixed] if mixed else []), f"{MARK} estimated from TDP, not measured{how}"]
 
 
 def skipped_lines(comp: Comparison) -> list[str]:
