@@ -27,20 +27,23 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch.utils.data import Subset
 
-from effbench.metrics import probabilities
 from effbench.rundir import write_bytes_atomic
+
+if TYPE_CHECKING:
+    import torch
+# No torch at import: effbench-compare reads these files and stays light.
 
 FILE = "predictions.npz"
 
 
 def from_logits(logits: torch.Tensor, labels: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
     """The ``test_predictions`` of a system: probabilities and labels on the CPU."""
+    from effbench.metrics import probabilities
+
     return {"probs": probabilities(logits.detach().float(), task).cpu(),
             "labels": labels.detach().cpu()}
 
@@ -71,7 +74,7 @@ def relative_id(path: str | os.PathLike, root: Path | None) -> str:
 
 
 def _paths(ds: Any) -> list[Path] | None:
-    if isinstance(ds, Subset):
+    if hasattr(ds, "indices") and hasattr(ds, "dataset"):  # a torch Subset
         inner = _paths(ds.dataset)
         return [inner[i] for i in ds.indices] if inner is not None else None
     paths = getattr(ds, "paths", None)

@@ -148,8 +148,9 @@ def plain_options(node: Mapping[str, Any], accepted: set[str], where: str,
     out: dict[str, Any] = {}
     for key, value in node.items():
         if not isinstance(key, str) or key not in accepted:
-            raise EffbenchError(f"{where}: {what}.{shown(key)} is not an option of that "
-                                f"{what}; restore the run's file, or run the job again.")
+            raise EffbenchError(f"{where}: {what}.{printable(key, SHOWN_CHARS)} is not an "
+                                f"option of that {what}; restore the run's file, or run the "
+                                "job again.")
         if not is_plain(value):
             raise EffbenchError(f"{where}: {what}.{key}={shown(value)} is not a plain value "
                                 "(a number, string, boolean or a list of them); restore the "

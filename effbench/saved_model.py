@@ -276,9 +276,11 @@ def model_dir_of(path: str | Path) -> Path:
     if not path.exists():
         raise EffbenchError(f"RUN_DIR={path} does not exist; pass the folder of a completed run "
                             "(outputs/<time>_<techniques>_…) or its model/ folder.")
-    if (path / MANIFEST).is_file():
+    # lexists: a manifest that is there but not a file (a link to a device) is refused by
+    # read_manifest with the reason, not reported missing.
+    if os.path.lexists(path / MANIFEST):
         return path
-    if not (path / MODEL_DIR / MANIFEST).is_file():
+    if not os.path.lexists(path / MODEL_DIR / MANIFEST):
         raise EffbenchError(f"RUN_DIR={path} holds no saved model ({MODEL_DIR}/{MANIFEST} is "
                             "missing): a failed run, or one made before effbench saved models; "
                             "pass a completed run's folder, or run the job again.")

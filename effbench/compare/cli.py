@@ -13,8 +13,9 @@ from effbench.compare.load import find_summaries, load_runs
 from effbench.compare.output import prepare_out
 from effbench.compare.plots import write_plots
 from effbench.compare.search import search_cost, search_text
+from effbench.compare.stats import DEFAULT_MARGIN_PP, RESAMPLES
 from effbench.compare.table import terminal_text, write_tables
-from effbench.errors import exit_with_one_line
+from effbench.errors import EffbenchError, exit_with_one_line
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,6 +39,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", default=None,
                    help="metric (best first), time, co2, params, size (effective), dense-size, "
                         "or a config key")
+    p.add_argument("--margin", default=f"{DEFAULT_MARGIN_PP:g}pp", metavar="PP",
+                   help=f"non-inferiority margin in percentage points of the metric (default "
+                        f"{DEFAULT_MARGIN_PP:g}pp): a row whose 95 %% interval of the paired "
+                        f"difference to its baseline (bootstrap over test samples and seeds, "
+                        f"{RESAMPLES} resamples, fixed seed) lies above −margin is non-inferior, "
+                        f"above 0 superior, below −margin inferior, else inconclusive")
     p.add_argument("--best-so-far", action="store_true",
                    help="learning curves as the running best (the dynamic study's elitism)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
@@ -46,6 +53,19 @@ def parser() -> argparse.ArgumentParser:
                         "summed training time, best job by --metric (default val/acc; "
                         "val/auroc_macro when multilabel), N× faster")
     return p
+
+
+def parse_margin(text: str) -> float:
+    """``1pp``, ``1 pp`` or ``1``: percentage points, zero or more."""
+    number = str(text).strip().lower().removesuffix("pp").strip()
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise EffbenchError(f"--margin {text} is not a margin in percentage points; write e.g. "
+                            f"--margin {DEFAULT_MARGIN_PP:g}pp.")
+    return value
 
 
 def default_out(first: str) -> Path:
@@ -65,7 +85,8 @@ def run(argv: list[str] | None = None) -> int:
         table = search_cost(runs, args.search_cost, args.metric)
         print(safe.text(search_text(table, args.search_cost)))
         return 0
-    comp = compare(runs, metric=args.metric, by=by, baseline=args.baseline)
+    comp = compare(runs, metric=args.metric, by=by, baseline=args.baseline,
+                   margin=parse_margin(args.margin))
     out = prepare_out(args.out or default_out(args.paths[0]))
     images, skipped = ([], []) if args.no_plots else write_plots(comp, out, args.best_so_far)
     files = write_tables(comp, out, args.sort, images)

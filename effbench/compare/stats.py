@@ -31,11 +31,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from scipy.stats import binomtest
 
 from effbench.predictions import Predictions, PredictionsError, read
@@ -350,3 +351,66 @@ def paired_comparison(run_dir_a: str | os.PathLike | list, run_dir_b: str | os.P
                 return Paired(metric=metric, margin_pp=margin, why=str(err))
         sides.append(by_seed)
     return compare_sides(sides[0], sides[1], metric, margin)
+
+
+# -- the comparison table ------------------------------------------------------------------------
+COLUMNS = ("d_lo", "d_hi", "p_value", "p_test", "verdict", "margin", "n_samples", "n_seeds",
+           "n_seeds_baseline", "no_interval", "seed_notes", "m_lo", "m_hi")
+TEXT_COLUMNS = ("p_test", "verdict", "no_interval", "seed_notes")
+
+
+def add_intervals(runs: pd.DataFrame, table: pd.DataFrame, keys: list[str], metric: str,
+                  margin_pp: float, name_of: Callable[[pd.Series], str]
+                  ) -> tuple[pd.DataFrame, dict[int, Paired]]:
+    """Per row against its baseline row (``base_row``): :data:`COLUMNS` (``d_*`` in pp, ``m_*``
+    the row's own metric interval as a fraction), and the :class:`Paired` results by row."""
+    done = runs[runs["status"] == "completed"]
+    loaded: dict[str, Predictions | str] = {}
+
+    def side(row: pd.Series) -> dict[str, list[Predictions]] | str:
+        mask = np.logical_and.reduce([done[k] == row[k] for k in keys])
+        by_seed: dict[str, list[Predictions]] = {}
+        for run_dir, seed in zip(done[mask]["run_dir"], done[mask]["seed"]):
+            if run_dir not in loaded:
+                try:
+                    loaded[run_dir] = load_predictions(run_dir)
+                except PredictionsError as err:
+                    loaded[run_dir] = str(err)
+            if isinstance(loaded[run_dir], str):
+                return loaded[run_dir]
+            by_seed.setdefault(str(seed), []).append(loaded[run_dir])
+        return by_seed
+
+    sides = {i: side(row) if row["n"] > 0 else "every run failed" for i, row in table.iterrows()}
+    cols: dict[str, list] = {c: [] for c in COLUMNS}
+    paired: dict[int, Paired] = {}
+    for i, row in table.iterrows():
+        own = sides[i]
+        lo, hi = metric_interval(own, metric) if isinstance(own, dict) else (np.nan, np.nan)
+        base = row.get("base_row")
+        res = None
+        if not row.get("baseline", False) and base is not None and not pd.isna(base):
+            j = int(base)
+            names = (name_of(row), name_of(table.loc[j]))
+            other = sides[j]
+            if isinstance(own, str) or isinstance(other, str):
+                res = Paired(metric=metric, margin_pp=margin_pp,
+                             why=own if isinstance(own, str) else other)
+            else:
+                res = compare_sides(own, other, metric, margin_pp, names)
+            paired[i] = res
+        values = _cells(res) if res is not None else {
+            **dict.fromkeys(COLUMNS[:-2], np.nan), **dict.fromkeys(TEXT_COLUMNS, "")}
+        values.update(m_lo=lo, m_hi=hi)
+        for c in COLUMNS:
+            cols[c].append(values[c])
+    return table.assign(**cols), paired
+
+
+def _cells(r: Paired) -> dict[str, object]:
+    return {"d_lo": r.lo, "d_hi": r.hi, "p_value": r.p_value, "p_test": r.test,
+            "verdict": r.verdict, "margin": r.margin_pp,
+            "n_samples": r.n_samples if r.has_interval else np.nan,
+            "n_seeds": r.n_seeds[0] if r.has_interval else np.nan,
+            "n_seeds_baseline": r.n_seeds[1] if r.has_interval else np.nan,
+            "no_interval": r.why, "seed_notes": "; ".join(r.notes)}
