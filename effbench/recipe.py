@@ -56,13 +56,20 @@ class Recipe:
         if self.checkpoint:
             cbs.append(GatedCheckpoint(ready, dirpath=ckpt_dir, monitor=self.monitor, mode="min",
                                        filename="best"))
-        # last.ckpt every epoch, whatever the gates say: resume=… continues a killed run.
-        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True))
+        cbs.append(last_checkpoint(ckpt_dir))
         if self.early_stopping and self.early_stopping.get("patience") is not None:
             # strict=False: trainer.max_steps may end training mid-epoch, before any validation.
             cbs.append(EarlyStopping(monitor=self.monitor, mode="min", strict=False,
                                      patience=int(self.early_stopping["patience"])))
         return cbs
+
+
+def last_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
+    """``last.ckpt`` after every validated epoch, whatever the gates say, so ``resume=…``
+    continues a killed run. Lightning's ``save_last=True`` with ``save_top_k=0`` writes it only
+    when training ends; an unmonitored top-1 checkpoint named ``last`` is rewritten each epoch."""
+    return ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                           every_n_epochs=1, enable_version_counter=False)
 
 
 class GatedCheckpoint(ModelCheckpoint):

@@ -20,7 +20,8 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 
-from effbench.rundir import publish
+from effbench.errors import EffbenchError
+from effbench.rundir import WRITE_FIX, publish
 
 
 class EpochSeed(Callback):
@@ -42,5 +43,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             torch.save(checkpoint, tmp)
             publish(tmp, target)  # fsync, rename, folder fsync
+        except (OSError, RuntimeError) as err:
+            # torch's zip writer reports a full disk or a file-size limit as a RuntimeError.
+            if not isinstance(err, OSError) and "write" not in str(err):
+                raise
+            why = (err.strerror if isinstance(err, OSError) and err.strerror
+                   else "the disk is full, over quota or past the file-size limit")
+            raise EffbenchError(f"cannot write the checkpoint {target} ({why}); "
+                                f"{WRITE_FIX}.") from err
         finally:
             tmp.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from effbench.context import RunContext, RunRecord
 from effbench.data.base import ImageDataModule
 from effbench.errors import EffbenchError, user_message
 from effbench.hardware import device_name, resolve_plan
+from effbench.lifecycle import Interrupted, StopSignals, interrupted_message
 from effbench.loggers import finish_loggers, quiet_third_party
 from effbench.losses import build_loss
 from effbench.pipeline import build_techniques, check_compatible, requirement
@@ -131,21 +132,30 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     quiet_third_party()
     rank0 = global_rank(cfg.trainer.get("devices")) == 0
     lock = RunDirLock(run_dir, cfg.get("resume"))
-    try:
-        if rank0:
-            lock.acquire()
-    except EffbenchError as err:
-        summary["error"] = str(err)  # not ours to write into: report, leave the dir untouched
-        return summary
-    try:
-        return _run_owned(cfg, run_dir, summary, overrides, start, load_at_start, original_cwd)
-    finally:
-        lock.release()
+    # SIGINT / SIGTERM end the run with an `interrupted` summary (effbench/lifecycle.py).
+    with StopSignals() as stop:
+        try:
+            try:
+                if rank0:
+                    lock.acquire()
+            except EffbenchError as err:
+                summary["error"] = str(err)  # not ours to write into: leave the dir untouched
+                return summary
+            try:
+                return _run_owned(cfg, run_dir, summary, overrides, start, load_at_start,
+                                  original_cwd, stop)
+            finally:
+                lock.release()
+        except (Interrupted, KeyboardInterrupt) as err:  # before or after _run_owned's own
+            if summary["status"] != "completed":
+                summary["status"], summary["error"] = "interrupted", f"interrupted by {err}"
+                summary["signal"] = str(err)
+            return summary
 
 
 def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], overrides: list[str],
                start: float, load_at_start: tuple[float, ...],
-               original_cwd: str | Path) -> dict[str, Any]:
+               original_cwd: str | Path, stop: StopSignals) -> dict[str, Any]:
     rank0 = global_rank(cfg.trainer.get("devices")) == 0
     times: dict[str, float] = {}
     tracker = EnergyTracker(bool(cfg.tracking.energy) and rank0, cfg.tracking.country, run_dir)
@@ -157,6 +167,12 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         resume = check_resume(cfg.get("resume"))
         summary["resumed_from"] = resume["path"] if resume else None
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    # A folder that already holds a run (resuming in place) is not touched until every check has
+    # passed: a refused command leaves it byte for byte. A new folder gets a `running` summary
+    # at once, so a run killed outright still shows (effbench-compare: incomplete).
+    touched = not (run_dir / "summary.json").exists()
+    if touched and rank0:
+        _write_running(run_dir, summary)
         techniques = build_techniques(cfg.strategy)
         check_compatible(techniques)
         for t in techniques:
@@ -179,6 +195,8 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         summary["strategy"], model_facts = pipeline.finalize(ctx, techniques)
         summary["energy"] = _with_batched_share(_whole_run_energy(tracker.stop(), ctx.record),
                                                 summary["strategy"])
+        if rank0 and not touched:
+            touched = _write_running(run_dir, summary)
         _fill_results(summary, ctx, model_facts)
         if rank0:  # <run>/predictions.npz: per test sample, for paired comparisons
             summary["predictions"] = predictions.write(run_dir, ctx.system, ctx.datamodule)
@@ -193,7 +211,16 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
             summary["error"] = message
         else:
             summary["error"] = f"{type(err).__name__}: {err}"
-            if rank0:
+            if rank0 and touched:
+    except (Interrupted, KeyboardInterrupt, SystemExit) as err:
+        signum = stop.received(err)
+        if signum is None:  # a library's sys.exit: a failure like any other
+            summary["error"] = f"the run stopped early ({type(err).__name__}: {err})"
+        else:
+            summary["status"], summary["signal"] = "interrupted", str(Interrupted(signum))
+            summary["error"], ckpt, summary["resume_command"] = interrupted_message(
+                signum, run_dir, overrides, cfg.trainer.get("max_epochs"))
+            summary["checkpoint"] = ckpt["path"] if ckpt else None
                 _write_error_log(run_dir, traceback.format_exc())
             log.exception("run failed")
     finally:
@@ -205,7 +232,7 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
     summary["peak_mem_mb"] = peak_memory_mb(accelerator)
     summary["env"] = environment(device_name(accelerator), original_cwd, load_at_start)
     summary["hardware"] = _hardware(cfg, ctx, accelerator)
-    if rank0:
+    if rank0 and touched:
         _write_records(cfg, run_dir, summary)
         # Trackers (MLflow, W&B) get summary.json as an artifact and close their run.
         finish_loggers(ctx.built_loggers if ctx is not None else None, run_dir / "summary.json")
@@ -267,6 +294,16 @@ def _write_records(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> N
         summary["status"], summary["error"] = "failed", (
             f"cannot write the run's records in {run_dir} ({err.strerror or err}); choose a "
             "writable folder with hydra.run.dir=… (or hydra.sweep.dir=…).")
+
+def _write_running(run_dir: Path, summary: dict[str, Any]) -> bool:
+    """The `running` summary (atomic): replaced when the run ends, left if it is killed."""
+    try:
+        write_json_atomic(run_dir / "summary.json", {**summary, "status": "running"})
+        return True
+    except OSError as err:
+        log.warning("could not write the running summary: %s", err.strerror or err)
+        return False
+
 
 
 def _resolvable(cfg: DictConfig) -> bool:

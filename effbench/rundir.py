@@ -8,6 +8,7 @@ target, and the folder is fsynced, so a reader (or a crash) never sees half a fi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -19,6 +20,24 @@ from filelock import FileLock, Timeout
 from effbench.errors import EffbenchError
 
 LOCK_NAME = ".effbench.lock"
+# A write refused by the disk or the folder, not by a bug: one sentence, no traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+WRITE_FIX = ("free space there, or choose a writable folder with hydra.run.dir=… "
+             "(hydra.sweep.dir=… for a sweep)")
+
+
+def write_failure(err: BaseException) -> str | None:
+    """One sentence for a full disk, a file-size limit or a read-only folder (else None), found
+    in ``err`` or what it was raised from."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS:
+            where = f" {cause.filename}" if cause.filename else ""
+            return f"cannot write{where} ({cause.strerror or cause}); {WRITE_FIX}."
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def umask() -> int:
@@ -87,6 +106,7 @@ class RunDirLock:
         self._lock: FileLock | None = None
 
     def acquire(self) -> None:
+        self._refuse_inside()  # before mkdir: a refused run creates nothing
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             lock = FileLock(str(self.run_dir / LOCK_NAME), timeout=0)
@@ -105,6 +125,11 @@ class RunDirLock:
         except EffbenchError:
             self.release()
             raise
+
+    def _refuse_inside(self) -> None:
+        problem = refused_run_dir(self.run_dir)
+        if problem:
+            raise EffbenchError(problem)
 
     def _refuse_completed(self) -> None:
         summary = self.run_dir / "summary.json"
@@ -125,6 +150,40 @@ class RunDirLock:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def refused_run_dir(run_dir: str | os.PathLike) -> str | None:
+    """A run never goes into the folder of a sweep nor inside a completed run (one sentence)."""
+    path = Path(run_dir).expanduser()
+    if (path / "multirun.yaml").is_file():
+        return (f"run dir {path} is the folder of a sweep (multirun.yaml); give this run its own "
+                "folder (drop hydra.run.dir=… or choose a new one).")
+    holder = completed_above(path)
+    if holder is not None:
+        return (f"run dir {path} lies inside the completed run {holder}, which effbench never "
+                "writes into; choose a folder outside it with hydra.run.dir=… .")
+    return None
+
+
+def completed_above(folder: Path) -> Path | None:
+    """The nearest folder above ``folder`` that holds a completed run, if any."""
+    for parent in Path(folder).resolve().parents:
+        try:
+            if json.loads((parent / "summary.json").read_text()).get("status") == "completed":
+                return parent
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def reused_sweep_dir(sweep_dir: str) -> str | None:
+    """Hydra rewrites ``multirun.yaml`` when a sweep starts: a sweep into the folder of an earlier
+    one would replace that sweep's record (one sentence, or None)."""
+    if (Path(sweep_dir).expanduser() / "multirun.yaml").is_file():
+        return (f"hydra.sweep.dir={sweep_dir} already holds a sweep (multirun.yaml), which "
+                "effbench never overwrites; choose a new hydra.sweep.dir, or drop it (each "
+                "sweep gets its own folder).")
+    return None
 
 
 def _inside(path: Path, folder: Path) -> bool:

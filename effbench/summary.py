@@ -28,7 +28,7 @@ SCHEMA: dict[str, Any] = {
                  "peak_mem_mb", "model", "data", "hardware", "env", "strategy"],
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
-        "status": {"enum": ["completed", "failed"]},
+        "status": {"enum": ["completed", "failed", "diverged", "running", "interrupted"]},
         "error": _str,
         "run_dir": {"type": "string"},
         "choices": {"type": "object",

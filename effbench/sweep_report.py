@@ -30,6 +30,8 @@ def failed_jobs(sweep_dir: Path) -> list[str]:
             status, error = summary.get("status"), summary.get("error")
         except (OSError, ValueError, AttributeError):
             status, error = None, "no readable summary.json (the job was killed or crashed)"
+        if status == "running":  # the summary written at the start was never replaced
+            error = "no end recorded (the job was killed or crashed)"
         if status != "completed":
             out.append(f"{job.name}: {error}")
     return out

@@ -27,6 +27,10 @@ UNSET = "default"
 EFFECTIVE_SIZE = "model.size_bytes_effective"  # the size that matters for the technique
 # What compare reads from every summary, with the JSON type it must have.
 REQUIRED: dict[str, type] = {"status": str, "choices": dict, "overrides": list}
+# running: killed outright (or still going); interrupted: stopped by a signal, resumable. Both are
+# listed as incomplete, never dropped.
+STATUSES = ("completed", "failed", "diverged", "running", "interrupted")
+INCOMPLETE = ("running", "interrupted")
 # Sections compare reads as objects (null is fine: "not recorded").
 SECTIONS = ("best_val", "time_s", "energy", "model", "data", "strategy")
 SUMMARY_LIMIT = 16 << 20  # bytes; a summary is a few kB
@@ -107,8 +111,9 @@ def problem_of(summary: Any) -> str | None:
     for key, kind in {**REQUIRED, "metrics": dict}.items():
         if key in summary and not isinstance(summary[key], kind):
             return f"its {key} is a JSON {_json_type(summary[key])}, not {_json_type(kind())}"
-    if summary["status"] not in ("completed", "failed"):
-        return f"its status is {printable(repr(summary['status']), 80)}, not completed or failed"
+    if summary["status"] not in STATUSES:
+        return (f"its status is {printable(repr(summary['status']), 80)}, not one of "
+                f"{', '.join(STATUSES)}")
     return wrong_type(summary)
 
 
@@ -184,7 +189,9 @@ def load_runs(paths: list[str]) -> pd.DataFrame:
         keys.update(dict.fromkeys(config))
         metrics.update(dict.fromkeys(metric_names(summary)))
         rows.append({"run_dir": str(path.parent), "status": summary.get("status", "failed"),
-                     "error": summary.get("error"),
+                     "error": summary.get("error") or (
+                         "incomplete: killed, or still running" if summary.get("status")
+                         == "running" else None),
                      "task": (summary.get("data") or {}).get("task"),
                      **config, **numbers_of(summary), **facts_of(summary)})
     if not rows:

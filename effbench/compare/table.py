@@ -18,6 +18,7 @@ from effbench.compare.group import (
     label,
     study_lines,
 )
+from effbench.compare.load import INCOMPLETE
 from effbench.compare.output import write_atomic, write_text_atomic
 from effbench.compare.precision import PRECISION
 from effbench.compare.precision import mark as setup_mark
@@ -125,7 +126,10 @@ def failed_lines(comp: Comparison) -> list[str]:
 
 def header_lines(comp: Comparison) -> list[str]:
     done, total = len(comp.completed), len(comp.runs)
-    lines = [f"{total} runs ({done} completed, {total - done} failed); metric {comp.metric}; "
+    unfinished = int(comp.runs["status"].isin(INCOMPLETE).sum())
+    incomplete = f", {unfinished} incomplete" if unfinished else ""  # killed or stopped
+    lines = [f"{total} runs ({done} completed, {total - done - unfinished} failed{incomplete}); "
+             f"metric {comp.metric}; "
              f"grouped by {', '.join(comp.keys)}; mean ± std over seeds; train s excludes "
              "set-up and test"]
     if comp.common:
