@@ -29,7 +29,13 @@ from effbench.losses import build_loss
 from effbench.pipeline import build_techniques, check_compatible, requirement
 from effbench.ranks import global_rank
 from effbench.recipe import Recipe
-from effbench.rundir import RunDirLock, check_resume, check_resume_matches, write_text_atomic
+from effbench.rundir import (
+    RunDirLock,
+    check_resume,
+    check_resume_matches,
+    write_failure,
+    write_text_atomic,
+)
 from effbench.strategies.base import Technique
 from effbench.summary import (
     SCHEMA_VERSION,
@@ -160,6 +166,12 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
     times: dict[str, float] = {}
     tracker = EnergyTracker(bool(cfg.tracking.energy) and rank0, cfg.tracking.country, run_dir)
     accelerator, ctx = "cpu", None
+    # A folder that already holds a run (resuming in place) is not touched until every check has
+    # passed: a refused command leaves it byte for byte. A new folder gets a `running` summary
+    # at once, so a run killed outright still shows (effbench-compare: incomplete).
+    touched = not (run_dir / "summary.json").exists()
+    if touched and rank0:
+        _write_running(run_dir, summary)
     try:
         validate(cfg)
         if cfg.tracking.energy:
@@ -167,12 +179,6 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         resume = check_resume(cfg.get("resume"))
         summary["resumed_from"] = resume["path"] if resume else None
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    # A folder that already holds a run (resuming in place) is not touched until every check has
-    # passed: a refused command leaves it byte for byte. A new folder gets a `running` summary
-    # at once, so a run killed outright still shows (effbench-compare: incomplete).
-    touched = not (run_dir / "summary.json").exists()
-    if touched and rank0:
-        _write_running(run_dir, summary)
         techniques = build_techniques(cfg.strategy)
         check_compatible(techniques)
         for t in techniques:
@@ -188,6 +194,8 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         for t in techniques:
             t.configure_model(ctx)
         check_resume_matches(resume, ctx.system)
+        if rank0 and not touched:
+            touched = _write_running(run_dir, summary)
         ctx.times["setup"] = time.perf_counter() - start
         times = ctx.times
         tracker.start()
@@ -195,8 +203,6 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         summary["strategy"], model_facts = pipeline.finalize(ctx, techniques)
         summary["energy"] = _with_batched_share(_whole_run_energy(tracker.stop(), ctx.record),
                                                 summary["strategy"])
-        if rank0 and not touched:
-            touched = _write_running(run_dir, summary)
         _fill_results(summary, ctx, model_facts)
         if rank0:  # <run>/predictions.npz: per test sample, for paired comparisons
             summary["predictions"] = predictions.write(run_dir, ctx.system, ctx.datamodule)
@@ -205,13 +211,6 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         if rank0:  # TensorBoard's HParams tab: config + final metrics
             log_hparams(ctx.loggers(), cfg, {**summary, "time_s": dict(ctx.times)})
         summary["status"] = "completed"
-    except Exception as err:  # noqa: BLE001 - a failed job is recorded, the sweep goes on
-        message = user_message(err)
-        if message is not None:
-            summary["error"] = message
-        else:
-            summary["error"] = f"{type(err).__name__}: {err}"
-            if rank0 and touched:
     except (Interrupted, KeyboardInterrupt, SystemExit) as err:
         signum = stop.received(err)
         if signum is None:  # a library's sys.exit: a failure like any other
@@ -221,6 +220,13 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
             summary["error"], ckpt, summary["resume_command"] = interrupted_message(
                 signum, run_dir, overrides, cfg.trainer.get("max_epochs"))
             summary["checkpoint"] = ckpt["path"] if ckpt else None
+    except Exception as err:  # noqa: BLE001 - a failed job is recorded, the sweep goes on
+        message = user_message(err) or write_failure(err)
+        if message is not None:
+            summary["error"] = message
+        else:
+            summary["error"] = f"{type(err).__name__}: {err}"
+            if rank0 and touched:
                 _write_error_log(run_dir, traceback.format_exc())
             log.exception("run failed")
     finally:
@@ -284,6 +290,16 @@ def _write_error_log(run_dir: Path, text: str) -> None:
         log.warning("could not write error.log: %s", err)
 
 
+def _write_running(run_dir: Path, summary: dict[str, Any]) -> bool:
+    """The `running` summary (atomic): replaced when the run ends, left if it is killed."""
+    try:
+        write_json_atomic(run_dir / "summary.json", {**summary, "status": "running"})
+        return True
+    except OSError as err:
+        log.warning("could not write the running summary: %s", err.strerror or err)
+        return False
+
+
 def _write_records(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> None:
     try:
         write_json_atomic(run_dir / "summary.json", summary)
@@ -294,16 +310,6 @@ def _write_records(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> N
         summary["status"], summary["error"] = "failed", (
             f"cannot write the run's records in {run_dir} ({err.strerror or err}); choose a "
             "writable folder with hydra.run.dir=… (or hydra.sweep.dir=…).")
-
-def _write_running(run_dir: Path, summary: dict[str, Any]) -> bool:
-    """The `running` summary (atomic): replaced when the run ends, left if it is killed."""
-    try:
-        write_json_atomic(run_dir / "summary.json", {**summary, "status": "running"})
-        return True
-    except OSError as err:
-        log.warning("could not write the running summary: %s", err.strerror or err)
-        return False
-
 
 
 def _resolvable(cfg: DictConfig) -> bool:
