@@ -2,9 +2,12 @@
 
 Hydra reports an unknown option, a bad override or an unusable run dir in several lines (the
 config search path, a stack trace for the run dir). Composing the same overrides here first — the
-compose API is what Hydra itself runs — lets effbench say it in one line and exit 1. Only plain
-single runs are checked: introspection flags (``--help``, ``--cfg``) and sweeps go straight to
-Hydra.
+compose API is what Hydra itself runs — lets effbench say it in one line and exit 1. A sweep
+(``-m``) is composed job by job (each value of each swept key once), so one bad job stops the
+sweep before any job starts; ``--cfg`` gets the same composition check. The composed values then
+go through the light checks of ``validate.check_light`` (the typed schema of effbench/schema.py):
+nothing is created before a command is known to be sound. ``--help``, ``--info`` and the other
+introspection flags go straight to Hydra.
 """
 
 from __future__ import annotations
@@ -61,22 +64,110 @@ def check_run_dir(path: str) -> str | None:
     return None
 
 
-def preflight(argv: list[str], conf_dir: str) -> str | None:
-    """The one sentence for a command that cannot start, or None."""
-    if any(a.startswith("-") for a in argv):  # --help, --cfg, -m, -cn …: Hydra's business
-        return None
+# Hydra's flags this module understands; any other flag (--help, --info, -cn …) is Hydra's alone.
+MULTIRUN = ("-m", "--multirun")
+WITH_VALUE = ("--cfg", "-c", "--package", "-p")
+PLAIN = ("--resolve", "-r", "--run")
+
+
+def parse_argv(argv: list[str]) -> tuple[dict[str, str | bool], list[str]] | None:
+    """``({"multirun": …, "cfg": …}, overrides)``, or None for a command left to Hydra."""
+    flags: dict[str, str | bool] = {"multirun": False, "cfg": ""}
+    overrides: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        name, _, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if arg in MULTIRUN:
+            flags["multirun"] = True
+        elif name in WITH_VALUE:
+            value = inline or next(args, "")
+            if name in ("--cfg", "-c"):
+                flags["cfg"] = value
+        elif arg in PLAIN:
+            continue
+        elif arg.startswith("-"):
+            return None
+        else:
+            overrides.append(arg)
+    return flags, overrides
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The jobs whose composition decides whether every job of a sweep composes: the first
+    value of each swept key, then each other value of one key at a time (a job's keys are
+    composed independently, so a bad value shows in the job that holds it). ``interval()``
+    sweeps are drawn by the sweeper at run time and left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    fixed: list[str] = []
+    swept: list[tuple[str, list[str]]] = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if not override.is_sweep_override():
+            fixed.append(override.input_line or "")
+        elif override.is_discrete_sweep():
+            swept.append((override.get_key_element(), list(override.sweep_string_iterator())))
+    first = [f"{key}={values[0]}" for key, values in swept if values]
+    jobs = [[*fixed, *first]]
+    for i, (key, values) in enumerate(swept):
+        jobs += [[*fixed, *first[:i], f"{key}={value}", *first[i + 1:]] for value in values[1:]]
+    return jobs
+
+
+def _compose_problem(overrides: list[str], conf_dir: str, checks: bool,
+                     run_dir_key: str) -> str | None:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
+    from effbench.errors import EffbenchError
+    from effbench.validate import check_light
+
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            cfg = compose("config", overrides=list(argv), return_hydra_config=True)
-            run_dir = str(cfg.hydra.run.dir)
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        if not checks:
+            return None
+        check_light(cfg, overrides)
+        run_dir = str(cfg.hydra.run.dir if run_dir_key == "run" else cfg.hydra.sweep.dir)
     except MissingConfigException as err:
-        return _missing_option(err, argv)
+        return _missing_option(err, overrides)
     except OverrideParseException as err:
         return f"cannot parse the command line: {_one_line(str(err).split('See https')[0])}"
+    except EffbenchError as err:
+        return str(err)
     except (HydraException, OmegaConfBaseException) as err:
         return _composition(err)
-    return check_run_dir(run_dir)
+    problem = check_run_dir(run_dir)
+    if not problem:  # a folder effbench never writes into: refused before Hydra creates it
+        from effbench.rundir import refused_run_dir, reused_sweep_dir
+
+        return reused_sweep_dir(run_dir) if run_dir_key == "sweep" else refused_run_dir(run_dir)
+    return problem.replace("hydra.run.dir", "hydra.sweep.dir") if (
+        problem and run_dir_key == "sweep") else problem
+
+
+def preflight(argv: list[str], conf_dir: str) -> str | None:
+    """The one sentence for a command that cannot start, or None."""
+    from hydra.errors import OverrideParseException
+
+    parsed = parse_argv(argv)
+    if parsed is None:  # --help, --info, -cn …: Hydra's business
+        return None
+    flags, overrides = parsed
+    if not flags["multirun"]:
+        return _compose_problem(overrides, conf_dir, not flags["cfg"], "run")
+    try:
+        jobs = sweep_jobs(overrides)
+    except OverrideParseException as err:
+        return f"cannot parse the command line: {_one_line(str(err).split('See https')[0])}"
+    if flags["cfg"]:  # Hydra: "Only one of --run, --multirun, --cfg … can be specified" + trace
+        example = " ".join(["effbench", "--cfg", str(flags["cfg"]), *jobs[0]])
+        return (f"--cfg {flags['cfg']} shows the config of one job and -m starts a sweep; drop -m "
+                f"to see one job's config (e.g. {example}), or drop --cfg to run the sweep.")
+    for i, job in enumerate(jobs):
+        problem = _compose_problem(job, conf_dir, True, "sweep")
+        if problem:
+            differs = [o for o in job if o not in jobs[0]]
+            where = f"the sweep's job {' '.join(differs)}: " if i and differs else ""
+            return where + problem
+    return None

@@ -44,9 +44,9 @@ from effbench.summary import (
     peak_memory_mb,
     write_json_atomic,
 )
-from effbench.system import ClassifierSystem
+from effbench.system import ClassifierSystem, Diverged
 from effbench.tracking import EnergyTracker, check_country
-from effbench.validate import check_strategy_trainer_keys, validate
+from effbench.validate import check_data, check_strategy_trainer_keys, validate
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def build_context(cfg: DictConfig, run_dir: Path, techniques: list[Technique], r
         dm.shuffle_seed = int(cfg.seed)
         dm.configure(backbone.preprocessing.with_size(cfg.dataset.image_size))
         dm.setup()
+        check_data(dm.num_classes, dm.task, len(dm.labels["train"]))
     head = backbone.build_head(dm.num_classes)  # backbone.head: linear | mlp (the study's)
     counts = dm.class_counts("train")
     loss = build_loss(dm.task, counts, len(dm.labels["train"]), recipe.class_weights)
@@ -173,7 +174,7 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
     if touched and rank0:
         _write_running(run_dir, summary)
     try:
-        validate(cfg)
+        validate(cfg, overrides)
         if cfg.tracking.energy:
             check_country(cfg.tracking.country)
         resume = check_resume(cfg.get("resume"))
@@ -222,6 +223,9 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
             summary["checkpoint"] = ckpt["path"] if ckpt else None
     except Exception as err:  # noqa: BLE001 - a failed job is recorded, the sweep goes on
         message = user_message(err) or write_failure(err)
+        if isinstance(err, Diverged):  # not a crash, and not a result either
+            summary["status"], summary["epochs"] = "diverged", err.epoch
+            summary["diverged"] = {"epoch": err.epoch, "metric": err.metric}
         if message is not None:
             summary["error"] = message
         else:

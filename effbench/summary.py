@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import platform
 import resource
@@ -51,6 +52,9 @@ SCHEMA: dict[str, Any] = {
         "objective": {"type": "object", "required": ["metric", "value"]},
         "resumed_from": _str,
         "headline": _str,
+        # status diverged: where the loss stopped being a number (system.Diverged)
+        "diverged": {"type": "object", "required": ["epoch", "metric"]},
+        "non_finite": {"type": "object", "required": ["paths"]},
         # <run>/predictions.npz (effbench.predictions): file, sha256, rows, test_ids_sha256.
         "predictions": {"type": "object"},
     },
@@ -59,17 +63,35 @@ SCHEMA: dict[str, Any] = {
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Temp file in the same folder, fsync, rename, folder fsync: readers never see half a file
-    (effbench.rundir.write_bytes_atomic)."""
-    text = json.dumps(data, indent=2, sort_keys=False, default=_jsonable)
+    (effbench.rundir.write_bytes_atomic). Strict JSON: a NaN or infinite number (a diverged
+    loss) is written as null and its place listed under ``non_finite``, since ``NaN`` is not JSON
+    and other readers (jq, JavaScript, jsonschema) refuse the whole file."""
+    clean, where = finite(data)
+    if where and isinstance(clean, dict):
+        clean["non_finite"] = {"paths": where, "note": "NaN or infinite values, written as null"}
+    text = json.dumps(clean, indent=2, sort_keys=False, allow_nan=False, default=str)
     write_bytes_atomic(Path(path), text.encode())
 
 
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
+def finite(value: Any, path: str = "") -> tuple[Any, list[str]]:
+    """``value`` with every NaN / ±inf replaced by None (tensors and numpy numbers as plain
+    lists and numbers), and the dotted paths of what was replaced."""
+    if isinstance(value, torch.Tensor) or (hasattr(value, "tolist") and hasattr(value, "dtype")):
+        value = value.tolist()  # a tensor, a numpy array or scalar
+    if isinstance(value, Path):
+        return str(value), []
+    if isinstance(value, float):
+        return (value, []) if math.isfinite(value) else (None, [path or "."])
+    if isinstance(value, dict):
+        out, where = {}, []
+        for k, v in value.items():
+            out[k], bad = finite(v, f"{path}.{k}" if path else str(k))
+            where += bad
+        return out, where
+    if isinstance(value, (list, tuple)):
+        items = [finite(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [v for v, _ in items], [w for _, bad in items for w in bad]
+    return value, []
 
 
 def git_commit(cwd: str | Path) -> str | None:

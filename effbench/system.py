@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from effbench.errors import EffbenchError
 from effbench.metrics import build_metrics, probabilities, split_scalars
+
+
+class Diverged(EffbenchError):
+    """A loss that is no longer a number: training stops and the run is recorded as
+    ``diverged`` with the epoch (run.py), not as completed with NaN metrics."""
+
+    def __init__(self, metric: str, value: float, epoch: int, lr: float) -> None:
+        self.metric, self.value, self.epoch = metric, value, epoch
+        super().__init__(f"training diverged at epoch {epoch}: {metric} is {value} with learning "
+                         f"rate {lr:g}; lower optim.optimizer.lr or clip the gradients with "
+                         "trainer.gradient_clip_val=1.0.")
 
 
 class ClassifierSystem(pl.LightningModule):
@@ -68,10 +81,11 @@ class ClassifierSystem(pl.LightningModule):
             return
         # Each rank's mean, averaged over ranks (equal shares: the sampler pads), as
         # ``self.log(on_epoch=True, sync_dist=True)`` did per step; the metric syncs itself.
-        self.log("train/loss", self._train_loss_sum / self._train_seen, prog_bar=True,
-                 sync_dist=True)
+        loss = self._train_loss_sum / self._train_seen
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc.compute())
         self.train_acc.reset()
+        self._check_finite("train/loss", loss)  # a NaN on one rank reaches all by the gradients
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         x, y = batch
@@ -87,6 +101,7 @@ class ClassifierSystem(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         loss = self.trainer.callback_metrics.get("val/loss")
+        self._check_finite("val/loss", loss)
         row = {**scalars, "val/loss": float(loss) if loss is not None else float("nan"),
                "epoch": self.current_epoch}
         self.val_history.append(row)
@@ -124,6 +139,11 @@ class ClassifierSystem(pl.LightningModule):
             return t
         gathered = self.all_gather(t)  # (W, n, ...)
         return gathered.transpose(0, 1).reshape(-1, *t.shape[1:])
+
+    def _check_finite(self, metric: str, value: torch.Tensor | None) -> None:
+        """Once per epoch: one host sync, not one per step."""
+        if value is not None and not math.isfinite(float(value)):
+            raise Diverged(metric, float(value), self.current_epoch, self.scaled_lr())
 
     def scaled_lr(self) -> float:
         """The recipe's lr × the plan's scale (the world size with hardware.lr_scaling=linear)."""

@@ -1,4 +1,9 @@
-"""Checks of config values before anything runs: one clear sentence per bad value."""
+"""Checks of config values before anything runs: one clear sentence per bad value.
+
+The light checks (the typed schema of effbench/schema.py, the objective, the strategy list, the
+data's sizes) run in the CLI's preflight for every job a command would start, before Hydra starts
+any; ``validate`` runs them again in the job with the ones that need Lightning (trainer keys).
+"""
 
 from __future__ import annotations
 
@@ -9,38 +14,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from effbench import schema
 from effbench.errors import EffbenchError
-
-
-def _positive(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
 def _int_at_least(n: int) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n
-
-
-def _ratio(v: Any) -> bool:
-    return isinstance(v, (int, float)) and 0 <= v < 1
-
-
-# (dotted key, is it valid, what to do instead). Missing keys are skipped: not every group has all.
-RULES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("optim.optimizer.lr", _positive,
-     "use a positive learning rate such as optim.optimizer.lr=1e-3"),
-    ("trainer.max_epochs", _int_at_least(1), "use trainer.max_epochs=1 or more"),
-    ("dataset.batch_size", _int_at_least(1), "use dataset.batch_size=1 or more"),
-    ("dataset.image_size", lambda v: v is None or _int_at_least(8)(v),
-     "use dataset.image_size=8 or more, or null for the backbone's own size"),
-    ("dataset.val_ratio", _ratio, "use a fraction in [0, 1) such as dataset.val_ratio=0.15"),
-    ("dataset.test_ratio", _ratio, "use a fraction in [0, 1) such as dataset.test_ratio=0.15"),
-    ("optim.optimizer.weight_decay", lambda v: isinstance(v, (int, float)) and v >= 0,
-     "use optim.optimizer.weight_decay=0 or a positive value"),
-    ("seed", lambda v: isinstance(v, int) and not isinstance(v, bool),
-     "use an integer seed such as seed=0"),
-    ("hardware.lr_scaling", lambda v: v in ("linear", "none"),
-     "use hardware.lr_scaling=linear or none"),
-]
 
 
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true",
@@ -83,8 +62,17 @@ def check_trainer(cfg: DictConfig) -> None:
         raise EffbenchError(f"invalid value trainer.num_nodes={nodes!r}: use 1 or more.")
 
 
+# What a run records, by the name an objective uses: ``best_val`` holds the best-val-loss epoch's
+# validation scalars (system.py), ``metrics`` the test scalars and the best validation accuracy /
+# AUROC over epochs (run._val_max).
+METRICS = ("acc", "f1_macro", "auroc_macro")
+OBJECTIVES = (*(f"val/{m}" for m in (*METRICS, "loss")), "val/acc_max", "val/auroc_macro_max",
+              *(f"test/{m}" for m in METRICS))
+
+
 def check_objective(cfg: DictConfig) -> None:
-    """A sweeper is never handed a test metric unless the user asks for it (objective_on_test)."""
+    """A sweeper is never handed a test metric unless the user asks for it (objective_on_test),
+    nor a name no run records (its value would always be null)."""
     if cfg.get("objective") is None:
         return  # the task's headline (run.default_objective), a validation metric
     metric = str(cfg.get("objective"))
@@ -92,9 +80,53 @@ def check_objective(cfg: DictConfig) -> None:
         raise EffbenchError(f"objective={metric} would tune on the test set; use a validation "
                             "metric such as objective=val/acc or val/acc_max, or set "
                             "objective_on_test=true if that is really what you want.")
-    if not metric.startswith(("val/", "train/", "test/")):
-        raise EffbenchError(f"invalid value objective={metric!r}: use a recorded metric such as "
-                            "val/acc, val/acc_max or val/auroc_macro.")
+    if metric not in OBJECTIVES:
+        close = difflib.get_close_matches(metric, OBJECTIVES, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise EffbenchError(f"invalid value objective={metric!r}: no run records it{hint}; use "
+                            f"one of {', '.join(o for o in OBJECTIVES if o.startswith('val/'))}.")
+
+
+def check_strategies(overrides: list[str]) -> None:
+    """``strategy=[prune,prune]`` composes to one prune (Hydra merges the same option twice):
+    a technique named twice is refused rather than silently applied once."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key != "strategy" or not value.startswith("["):
+            continue
+        names = [n.strip() for n in value.strip("[]").split(",") if n.strip()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            unique = list(dict.fromkeys(names))
+            raise EffbenchError(f"strategy={value} names {', '.join(twice)} twice; a technique "
+                                f"acts once per run, so use strategy=[{','.join(unique)}].")
+
+
+def check_light(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """The checks that need neither torch nor Lightning (the CLI's preflight runs these)."""
+    schema.check(cfg)
+    check_objective(cfg)
+    check_strategies(list(overrides))
+    val = OmegaConf.select(cfg, "dataset.val_ratio", default=0)
+    test = OmegaConf.select(cfg, "dataset.test_ratio", default=0)
+    if val + test >= 1:
+        raise EffbenchError(f"dataset.val_ratio + dataset.test_ratio = {val + test:g} leaves no "
+                            "training data; make their sum less than 1.")
+    classes = OmegaConf.select(cfg, "dataset.num_classes", default=None)
+    train = OmegaConf.select(cfg, "dataset.num_train", default=None)
+    if isinstance(classes, int) and isinstance(train, int) and 0 < train < classes:
+        raise EffbenchError(f"dataset.num_classes={classes} is more than the "
+                            f"dataset.num_train={train} training images; use at least one image "
+                            f"per class (dataset.num_train={classes} or more).")
+
+
+def check_data(num_classes: int, task: str, train_images: int) -> None:
+    """After the data is read: a class the train split cannot hold one image of is never learnt
+    (what dataset.max_samples or a tiny folder leads to)."""
+    if task != "multilabel" and train_images < num_classes:
+        raise EffbenchError(f"the train split holds {train_images} images for {num_classes} "
+                            "classes; use at least one image per class (raise "
+                            "dataset.max_samples or give more data).")
 
 
 def check_strategy_trainer_keys(strategy: Any, cfg: DictConfig) -> None:
@@ -114,18 +146,7 @@ def check_strategy_trainer_keys(strategy: Any, cfg: DictConfig) -> None:
                                 f"remove trainer.{key}=….")
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> None:
     """Raises :class:`EffbenchError` naming the first bad value and the fix."""
+    check_light(cfg, overrides)
     check_trainer(cfg)
-    check_objective(cfg)
-    for key, ok, fix in RULES:
-        value = OmegaConf.select(cfg, key, default="__absent__")
-        if value == "__absent__":
-            continue
-        if not ok(value):
-            raise EffbenchError(f"invalid value {key}={value!r}: {fix}.")
-    ratios = OmegaConf.select(cfg, "dataset.val_ratio", default=0) + OmegaConf.select(
-        cfg, "dataset.test_ratio", default=0)
-    if ratios >= 1:
-        raise EffbenchError(f"dataset.val_ratio + dataset.test_ratio = {ratios:g} leaves no "
-                            "training data; make their sum less than 1.")

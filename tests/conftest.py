@@ -74,6 +74,8 @@ SHRINK = ["hardware=cpu", "hardware.num_workers=0", "backbone.weights=null",
           *FAST]
 # The studies' absolute image counts exceed the generated data (later overrides win).
 SHRINK_STRATEGY = {"dynamic": ["strategy.dynamic.alpha=0.5"],
+                   # one epoch: a pruning schedule that cannot end is refused
+                   "prune": ["strategy.prune.start=0", "strategy.prune.end=1"],
                    # one epoch: a later unfreezing epoch could never take effect (refused)
                    "freeze": ["strategy.freeze.unfreeze_at_epochs=[]",
                               "strategy.freeze.unfreeze_lr=null"]}

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_job
+from tests.data.fakes import write_chestxray14
 
 QUICK = ["trainer.enable_progress_bar=false", "tracking.energy=false"]
 TINY = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",
@@ -43,6 +44,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     one_class.mkdir(parents=True)
     for i in range(4):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(one_class / f"{i}.png")
+    # ChestX-ray14 lists that share a patient (the study splits by patient)
+    leak = write_chestxray14(files / "cxr_leak", patients=8, per_patient=2)
+    first = (leak / "train_val_list.txt").read_text().split()[0]  # patient 1's first X-ray
+    with open(leak / "test_list.txt", "a") as f:
+        f.write(first.replace("_000.png", "_001.png") + "\n")
     cifar = files / "cifar10" / "cifar-10-batches-py"
     cifar.mkdir(parents=True)
     for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
@@ -127,6 +133,38 @@ CASES: list[tuple[list[str], str]] = [
     (["resume=/nonexistent/last.ckpt"], "resume=/nonexistent/last.ckpt does not exist"),
     (["resume=FILES/garbage.ckpt"], "is not a readable Lightning checkpoint"),
     (["resume=FILES/other_model.ckpt"], "is a checkpoint of another model"),
+    # the typed schema (effbench/schema.py): types, ranges, required keys, before anything runs
+    (["optim.optimizer.lr=inf"], "optim.optimizer.lr=inf"),
+    (["optim.optimizer.lr=nan"], "optim.optimizer.lr=nan"),
+    (["~optim.optimizer.lr"], "optim.optimizer.lr is required but missing"),
+    (["optim.optimizer.lr="], "optim.optimizer.lr=''"),
+    (["optim.early_stopping.patience=-1"], "optim.early_stopping.patience=-1"),
+    (["optim.scheduler.factor=2"], "optim.scheduler.factor=2"),
+    (["dataset.max_samples=-1"], "dataset.max_samples=-1"),
+    (["hardware.num_workers=-1"], "hardware.num_workers=-1"),
+    (["seed=-1"], "seed=-1"),
+    (["dataset=digits", "dataset.root="], "dataset.root=''"),
+    (["dataset=cifar10", "~dataset.root"], "dataset.root is required but missing"),
+    (["objective=val/nosuch"], "objective='val/nosuch'"),
+    (["strategy=[prune,prune]"], "strategy=[prune,prune] names prune twice"),
+    (["dataset.num_classes=100"], "dataset.num_classes=100 is more than"),
+    (["dataset=digits", "dataset.max_samples=5"], "the train split holds 5 images for 10 classes"),
+    (["dataset=chestxray14", "dataset.root=FILES/cxr_leak"],
+     "appear in both train_val_list.txt and test_list.txt"),
+    # Hydra's own errors, for sweeps and --cfg too: one line, and no job of a sweep starts
+    (["-m", "optim.optimizer.lr=0.1,abc"], "the sweep's job optim.optimizer.lr=abc"),
+    (["-m", "trainer.max_epochs=[1"], "cannot parse the command line"),
+    (["-m", "dataset=digits,nosuch"], "dataset=nosuch is not one of the dataset options"),
+    (["--cfg", "job", "dataset=nosuch"], "dataset=nosuch is not one of the dataset options"),
+    (["--cfg", "job", "strategy.nosuch=1"], "strategy.nosuch is not an option"),
+    (["-m", "seed=0,1", "--cfg", "hydra"], "--cfg hydra shows the config of one job"),
+    # a diverged run: recorded as diverged (test_diverged_run_is_recorded_in_strict_json)
+    (["optim.optimizer.lr=1e30", "hydra.run.dir=FILES/diverged"],
+     "training diverged at epoch 0: val/loss is"),
+    # stacks that cannot work: a pruning schedule that cannot end, pruning only frozen layers
+    (["strategy=[freeze,prune]", "strategy.freeze.frozen_stages=1"],
+     "strategy.prune.end=7 is past trainer.max_epochs=1"),
+    (["strategy=[freeze,prune]", "strategy.prune.end=1"], "finds no trainable layer to prune"),
     # where the records go
     (["hydra.run.dir=FILES/a_file/run"], "which is a file"),
     (["hydra.run.dir=RUN"], "already holds a completed run"),
@@ -176,3 +214,48 @@ def test_bad_input(lab: dict[str, Path], answers: dict[str, Any], args: list[str
 
 def test_there_are_forty_bad_inputs() -> None:
     assert len(CASES) >= 40
+
+
+def _strict(text: str) -> dict:
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_diverged_run_is_recorded_in_strict_json(lab: dict[str, Path],
+                                                 answers: dict[str, Any]) -> None:
+    """lr=1e30: the loss is NaN after the first steps; the run says so (status diverged, the
+    epoch), exits non-zero (test_bad_input above) and its summary is strict JSON."""
+    summary = _strict((lab["files"] / "diverged" / "summary.json").read_text())
+    # Validation ends the epoch before its training-end hook: val/loss is the first seen.
+    assert summary["status"] == "diverged" and summary["diverged"] == {
+        "epoch": 0, "metric": "val/loss"}
+    assert "training diverged at epoch 0" in summary["error"]
+
+
+def test_summary_json_is_strict(tmp_path: Path) -> None:
+    from effbench.summary import write_json_atomic
+
+    write_json_atomic(tmp_path / "s.json", {"metrics": {"val/loss": float("nan"),
+                                                        "x": [1.0, float("inf")]}, "ok": 1.5})
+    summary = _strict((tmp_path / "s.json").read_text())
+    assert summary["metrics"] == {"val/loss": None, "x": [1.0, None]} and summary["ok"] == 1.5
+    assert summary["non_finite"]["paths"] == ["metrics.val/loss", "metrics.x[1]"]
+
+
+def test_freeze_prune_prunes_only_what_trains(tmp_path: Path) -> None:
+    """[freeze,prune]: frozen layers can never make up for their zeros, so only the layers that
+    train are pruned, and the summary counts the frozen ones left dense."""
+    summary = run_job(tmp_path, ["strategy=[freeze,prune]", "backbone=cifar_cnn14",
+                                 "strategy.freeze.frozen_stages=1",
+                                 "strategy.prune.start=0", "strategy.prune.end=1",
+                                 "strategy.prune.frequency=1", "trainer.max_epochs=1"])
+    assert summary["status"] == "completed", summary["error"]
+    prune = summary["strategy"]["prune"]
+    frozen = summary["strategy"]["freeze"]["stages_frozen"]
+    assert frozen == 2 and prune["frozen_layers_skipped"] == 7  # the first 3 + 4 convs
+    pruned = list(prune["sparsity_per_layer"])
+    assert pruned and not [n for n in pruned if n.startswith(("backbone.stages.0.",
+                                                               "backbone.stages.1."))]
+    assert prune["schedule_completed"] and prune["sparsity"] > 0.4

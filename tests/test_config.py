@@ -7,6 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from effbench import schema
 from effbench.errors import EffbenchError
 from effbench.hardware import trainer_kwargs
 from tests.conftest import CONF, compose_cfg
@@ -88,3 +89,38 @@ def test_trainer_overrides_hardware() -> None:
     kwargs = trainer_kwargs(cfg.hardware, cfg.trainer)
     assert kwargs["devices"] == 2 and kwargs["strategy"] == "ddp"
     assert kwargs["accelerator"] == "cpu" and kwargs["precision"] == "32-true"
+
+
+# -- the typed schema (effbench/schema.py) --------------------------------------------------------
+NUMBERS = [f for f in schema.FIELDS if f.kind in ("int", "float")]
+
+
+@pytest.mark.parametrize("field", NUMBERS, ids=[f.key for f in NUMBERS])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "abc", True])
+def test_schema_refuses_non_numbers(field: schema.Field, bad) -> None:
+    """NaN and inf pass (or fail) every comparison, a bool is an int to Python: each is refused
+    in one sentence that names the key and the value."""
+    cfg = compose_cfg(["dataset=synthetic", "optim=sgd"])
+    OmegaConf.set_struct(cfg, False)
+    OmegaConf.update(cfg, field.key, bad, force_add=True)
+    with pytest.raises(EffbenchError, match=f"invalid value {field.key}="):
+        schema.check(cfg)
+
+
+REQUIRED = [f.key for f in schema.FIELDS if f.required]
+
+
+@pytest.mark.parametrize(("group", "option"), [o for o in OPTIONS if o[0] == "dataset"],
+                         ids=[o for g, o in OPTIONS if g == "dataset"])
+def test_required_keys_exist_in_every_option_and_the_defaults_pass(group: str,
+                                                                   option: str) -> None:
+    """A required key is in every option, so its absence means the user deleted it."""
+    cfg = compose_cfg([f"{group}={option}"])
+    for key in REQUIRED:
+        assert schema.select(cfg, key) is not schema.ABSENT, key
+    schema.check(cfg)
+
+
+def test_a_deleted_required_key_is_named() -> None:
+    with pytest.raises(EffbenchError, match="optim.optimizer.lr is required but missing"):
+        schema.check(compose_cfg(["~optim.optimizer.lr"]))

@@ -193,9 +193,10 @@ def test_submitit_local_sweep_writes_two_completed_runs(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_submitit_failed_job_is_recorded_and_the_sweep_exits_non_zero(tmp_path: Path) -> None:
-    res = run_cli(["-m", "hydra/launcher=local", *TINY, "trainer.max_epochs=1,0"], cwd=tmp_path)
+    # trainer.devices=0 is checked by the job (a schema value would stop the sweep up front)
+    res = run_cli(["-m", "hydra/launcher=local", *TINY, "trainer.devices=1,0"], cwd=tmp_path)
     assert res.returncode != 0
-    assert "failed job 1_" in res.stderr and "trainer.max_epochs=0" in res.stderr
+    assert "failed job 1_" in res.stderr and "trainer.devices=0" in res.stderr
     statuses = sorted(s["status"] for s in summaries(tmp_path / "outputs"))
     assert statuses == ["completed", "failed"]
 

@@ -6,7 +6,7 @@ Patient ID, …``; labels joined by ``|``, ``No Finding`` for none), the officia
 ``images_001/images/ … images_012/images/`` layout. Multilabel (``No Finding`` = all zeros,
 trained with the class-weighted BCE of CheXNet); ``labels`` keeps a subset, and a single kept label
 becomes a binary task (e.g. ``[Pneumonia]``, the original CheXNet). The validation split is carved
-from train_val by patient, so no patient is in two splits.
+from train_val by patient, so no patient is in two splits; lists that share a patient are refused.
 """
 
 from __future__ import annotations
@@ -48,6 +48,17 @@ def image_index(root: Path) -> dict[str, Path]:
             with os.scandir(folder) as it:  # scandir: 112k entries without a stat per file
                 found.update({e.name: Path(e.path) for e in it if e.name.endswith(".png")})
     return found
+
+
+def check_patient_split(train_val: list[str], test: list[str]) -> None:
+    """The study's split is by patient (the official lists are patient-disjoint): a patient whose
+    X-rays sit on both sides would be tested on images of someone the model trained on."""
+    shared = sorted(set(train_val) & set(test))
+    if shared:
+        raise EffbenchError(f"{len(shared)} patient(s) (e.g. Patient ID {shared[0]}) appear in "
+                            f"both {LISTS['train_val']} and {LISTS['test']}; the split must be by "
+                            "patient, so use the official lists or move each patient's images to "
+                            "one of them.")
 
 
 class ChestXray14DataModule(FileListDataModule):
@@ -109,6 +120,7 @@ class ChestXray14DataModule(FileListDataModule):
         self.class_names = ([f"No {self.keep[0]}", self.keep[0]] if self.task == "multiclass"
                             else list(self.keep))
         tv = full["train_val"]
+        check_patient_split(tv.groups, full["test"].groups)
         any_finding = (tv.labels.view(len(tv), -1).sum(1) > 0).long().numpy()
         idx = group_split(any_finding, np.array(tv.groups), self.val_ratio, 0.0, self.split_seed)
         return {"train": tv.take(idx["train"]), "val": tv.take(idx["val"]), "test": full["test"]}

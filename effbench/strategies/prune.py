@@ -406,11 +406,13 @@ class Prune(Technique):
     def check(self, ctx: RunContext) -> None:
         epochs = int(ctx.cfg.trainer.max_epochs)
         if self.unit == "epoch" and self.end > epochs:
-            # Not refused: short trial runs of the study's presets are useful; said, not silent.
-            log.warning("strategy.prune.end=%g is past trainer.max_epochs=%d: the pruning schedule "
-                        "will not reach strategy.prune.final_sparsity=%g (the summary says how far "
-                        "it "
-                        "got)", self.end, epochs, self.final_sparsity)
+            # A schedule that cannot end tests a model less sparse than the target and reports it
+            # as pruned: refused (early stopping can still cut it short: then said at the end).
+            raise EffbenchError(f"strategy.prune.end={self.end:g} is past trainer.max_epochs="
+                                f"{epochs}: the pruning schedule could never reach "
+                                f"strategy.prune.final_sparsity={self.final_sparsity:g}; use "
+                                f"trainer.max_epochs={math.ceil(self.end)} or more, or end the "
+                                f"schedule sooner with strategy.prune.end={epochs}.")
         if self.structure == "channel":
             import_torch_pruning()
             if ctx.resume:
@@ -423,7 +425,17 @@ class Prune(Technique):
         if self.structure == "channel":
             self._configure_channels(ctx)
             return
-        layers = self.layers(ctx.system)
+        scope = self.layers(ctx.system)
+        # Only what trains: a frozen layer's zeros could never be compensated by its other
+        # weights (an earlier technique, freeze, has set requires_grad by now).
+        layers = {n: m for n, m in scope.items() if m.weight.requires_grad}
+        self._frozen_skipped = len(scope) - len(layers)
+        if scope and not layers:
+            raise EffbenchError(f"strategy.prune.scope={self.scope} finds no trainable layer to "
+                                f"prune: all {len(scope)} are frozen (strategy.freeze), and a "
+                                "frozen layer's zeros could never be made up for; freeze fewer "
+                                "blocks with strategy.freeze.frozen_stages=k, or set "
+                                "strategy.prune.include_head=true.")
         targets = self.targets(layers, getattr(ctx.system.backbone, "name", ""))
         if not targets:
             raise EffbenchError(f"strategy.prune.scope={self.scope} finds no layer to prune in "
@@ -543,6 +555,8 @@ class Prune(Technique):
             "sparsity_per_layer": per_layer,
             "target_per_layer": dict(pruner.targets),
             "target_coverage": getattr(self, "_coverage", None),
+            # frozen layers of the scope left dense (only trainable layers are pruned)
+            "frozen_layers_skipped": getattr(self, "_frozen_skipped", 0),
             **self._schedule_facts(pruner),
             "model": {"size_bytes": dense, "size_bytes_compressed": zipped,
                       "compression_ratio": dense / zipped, "sparsity": overall,

@@ -108,7 +108,9 @@ def test_real_sweep_table_matches_summaries(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_failed_job_is_listed(tmp_path: Path) -> None:
-    proc = run_cli(["-m", *SWEEP, "optim.optimizer.lr=1e-3,-1", "seed=0"], cwd=tmp_path)
+    # A value only the job itself checks (Lightning's precisions): a bad value of the schema
+    # would stop the whole sweep before it starts (preflight).
+    proc = run_cli(["-m", *SWEEP, "trainer.precision=32-true,bogus", "seed=0"], cwd=tmp_path)
     # The sweep says that one job failed (exit 1); its summary.json is still there to compare.
     assert proc.returncode == 1 and "1 job(s) of the sweep" in proc.stderr, proc.stderr[-2000:]
     sweep = sweep_dir(tmp_path)
@@ -116,10 +118,10 @@ def test_failed_job_is_listed(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "1 runs" not in res.stdout and "2 runs (1 completed, 1 failed)" in res.stdout
     failed = res.stdout.split("failed runs:")[1]
-    assert "lr=-1" in failed and "use a positive learning rate" in failed
+    assert "precision=bogus" in failed and "trainer.precision='bogus'" in failed
     assert "0 (1 failed)" in res.stdout  # the configuration keeps its row
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "## Failed runs" in md and "use a positive learning rate" in md
+    assert "## Failed runs" in md and "trainer.precision='bogus'" in md
     runs = pd.read_csv(tmp_path / "cmp" / "runs.csv")
     assert sorted(runs["status"]) == ["completed", "failed"]
 

@@ -186,7 +186,7 @@ def test_end_to_end_multilabel(tmp_path: Path) -> None:
 
 
 def test_adaptive_without_targets_fails_clearly(tmp_path: Path) -> None:
-    summary = run_job(tmp_path, [*SMALL, "strategy.prune.scope=adaptive"])
+    summary = run_job(tmp_path, [*SMALL, "strategy.prune.scope=adaptive", "strategy.prune.end=1"])
     assert summary["status"] == "failed"
     assert "strategy.prune.adaptive_preset" in summary["error"]
 
