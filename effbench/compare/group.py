@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from effbench.compare import stats
 from effbench.compare.keys import CHOICE_KEYS, canon
 from effbench.compare.load import EFFECTIVE_SIZE, UNSET
 from effbench.compare.precision import with_setup
@@ -33,6 +34,8 @@ class Comparison:
     baseline: dict[str, str] = field(default_factory=dict)
     common: dict[str, str] = field(default_factory=dict)
     added: list[str] = field(default_factory=list)  # keys that --by left out but vary
+    margin: float = stats.DEFAULT_MARGIN_PP  # non-inferiority margin, pp
+    paired: dict = field(default_factory=dict)  # table index → stats.Paired (its baseline)
 
     @property
     def completed(self) -> pd.DataFrame:
@@ -91,20 +94,26 @@ def parse_baseline(specs: list[str]) -> dict[str, str]:
 
 
 def aggregate(runs: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
-    """Mean, std (``<col>_std``) and ``n`` over the completed runs of each configuration;
-    ``failed`` counts the failed ones (a configuration whose runs all failed keeps its row)."""
+    """Mean, std (``<col>_std``) and ``n`` over the distinct seeds of each configuration's
+    completed runs (runs of one seed are repeats: averaged first, counted in ``repeats``, never
+    as independent replicates); ``failed`` counts the failed runs (a configuration whose runs all
+    failed keeps its row)."""
     done = runs[runs["status"] == "completed"]
     numeric = [c for c in done.columns if c not in runs.attrs["config_keys"]
                and pd.api.types.is_numeric_dtype(done[c])
                and not pd.api.types.is_bool_dtype(done[c])]
     columns = [metric, *[c for c in ALWAYS if c in numeric and c != metric],
                *[c for c in numeric if c not in ALWAYS and c != metric]]
-    grouped = done.groupby(keys, sort=False, dropna=False)[columns]
+    seed_keys = keys if "seed" in keys else [*keys, "seed"]
+    per_seed = done.groupby(seed_keys, sort=False, dropna=False)[columns].mean().reset_index()
+    grouped = per_seed.groupby(keys, sort=False, dropna=False)[columns]
     table = grouped.mean().join(grouped.std().add_suffix("_std"))
     table["n"] = grouped.size()
+    table["repeats"] = done.groupby(keys, sort=False, dropna=False).size() - table["n"]
     failed = runs[runs["status"] != "completed"].groupby(keys, sort=False, dropna=False).size()
     table = table.reindex(table.index.union(failed.index, sort=False)) if len(failed) else table
     table["n"] = table["n"].fillna(0).astype(int)
+    table["repeats"] = table["repeats"].fillna(0).astype(int)
     table["failed"] = failed.reindex(table.index).fillna(0).astype(int)
     facts = done.assign(**{ESTIMATED: done[ESTIMATED].eq(True)}).groupby(
         keys, sort=False, dropna=False).agg({ESTIMATED: "any", "size_source": "first"})
@@ -249,8 +258,10 @@ def _deltas(row: pd.Series, base: pd.Series | None, metric: str) -> dict[str, fl
 
 
 def compare(runs: pd.DataFrame, metric: str | None = None, by: list[str] | None = None,
-            baseline: list[str] | None = None) -> Comparison:
-    """The whole comparison: keys, aggregated table and (when there is a baseline) deltas."""
+            baseline: list[str] | None = None,
+            margin: float = stats.DEFAULT_MARGIN_PP) -> Comparison:
+    """The whole comparison: keys, aggregated table and (when there is a baseline) deltas with
+    a paired interval, p-value and verdict against the non-inferiority ``margin`` (pp)."""
     if not (runs["status"] == "completed").any():
         first = runs.iloc[0]
         raise EffbenchError(f"none of the {len(runs)} runs completed (e.g. {first['run_dir']}: "
@@ -263,10 +274,12 @@ def compare(runs: pd.DataFrame, metric: str | None = None, by: list[str] | None 
     if base:
         table = add_deltas(runs, table, keys, metric, base)
     table = with_setup(runs, table, keys)  # precision / device per row, deltas that mix them
+    table, paired = stats.add_intervals(runs, table, keys, metric, margin,
+                                        lambda r: label(r, keys))
     common = {k: runs[k].iloc[0] for k in runs.attrs["config_keys"]
               if k not in keys and k != "seed" and runs[k].nunique() == 1}
     return Comparison(runs=runs, table=table, keys=keys, metric=metric, baseline=base,
-                      common=common, added=added)
+                      common=common, added=added, margin=margin, paired=paired)
 
 
 def label(row: pd.Series | dict, keys: list[str]) -> str:
@@ -297,8 +310,32 @@ def study_lines(comp: Comparison) -> list[str]:
                  _mean_std(grp["d_co2_pct"], "CO₂ ", co2_unit, signed=True),
                  _mean_std(grp["d_params_pct"], "trainable params ", " %", signed=True)]
         n = f"{len(grp)} configuration{'s' * (len(grp) != 1)}"
-        lines.append(f"{name} vs {base_name} ({n}): " + ", ".join(p for p in parts if p))
+        parts[0] += _interval_of(comp, grp)
+        lines.append(f"{name} vs {base_name} ({n}): " + ", ".join(p for p in parts if p)
+                     + _verdict_of(comp, grp))
     return lines
+
+
+def _pooled(comp: Comparison, grp: pd.DataFrame) -> stats.Paired | None:
+    return stats.pooled([comp.paired[i] for i in grp.index if i in comp.paired], comp.margin)
+
+
+def _interval_of(comp: Comparison, grp: pd.DataFrame) -> str:
+    """`` [−1.60, +0.80]``: the 95 % interval of the mean difference (pooled over the rows)."""
+    pooled = _pooled(comp, grp)
+    return f" [{stats.pp(pooled.lo)}, {stats.pp(pooled.hi)}]" if pooled else ""
+
+
+def _verdict_of(comp: Comparison, grp: pd.DataFrame) -> str:
+    """`` … non-inferior at 1 pp (McNemar exact p = 0.52; 270 samples, 1 vs 1 seeds)``, or why
+    there is no interval."""
+    pooled = _pooled(comp, grp)
+    if pooled is None:
+        whys = [comp.paired[i].why for i in grp.index if i in comp.paired]
+        return f" … no interval: {whys[0]}" if whys else ""
+    seeds = f"{pooled.n_seeds[0]} vs {pooled.n_seeds[1]} seeds"
+    return (f" … {pooled.verdict} at {comp.margin:g} pp ({pooled.test} p = "
+            f"{pooled.p_value:.2g}; {pooled.n_samples} test samples, {seeds})")
 
 
 def _mean_std(values: pd.Series, prefix: str, unit: str, signed: bool) -> str:

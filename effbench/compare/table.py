@@ -23,6 +23,7 @@ from effbench.compare.output import write_atomic, write_text_atomic
 from effbench.compare.precision import PRECISION
 from effbench.compare.precision import mark as setup_mark
 from effbench.compare.precision import warning as setup_warning
+from effbench.compare.stats import CONFIDENCE, RESAMPLES, SEED
 
 MARK = "*"  # after an energy / CO₂ figure that is (partly) an estimate, not a reading
 
@@ -86,6 +87,8 @@ def display_table(comp: Comparison, sort: str | None = None) -> pd.DataFrame:
     for _, r in sort_table(comp, sort).iterrows():
         out = {k: r[k] for k in comp.keys}
         out["n"] = f"{r['n']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
+        if r.get("repeats", 0) > 0:  # runs of a seed already counted: not replicates
+            out["n"] += f" (+{r['repeats']} repeat{'s' * (r['repeats'] > 1)})"
         out["precision"] = r.get(PRECISION) or ""
         out[comp.metric] = _pm(r, comp.metric, ".4f")
         out["train s"] = _pm(r, TIME, ".1f")
@@ -105,17 +108,50 @@ def _marked(text: str, estimated: object) -> str:
 
 def _delta_cells(r: pd.Series, short: str) -> dict[str, str]:
     if r["baseline"]:
-        return {f"Δ {short} pp": "baseline", "Δ time": "", "speed-up": "", "Δ CO₂": "",
+        return {f"Δ {short} pp": "baseline", "verdict": "", "Δ time": "", "speed-up": "",
+                "Δ CO₂": "",
                 "Δ trainable": "", "Δ size": "", "compared with": ""}
     pp = _signed(r["d_metric_pp"], "", "+.2f")
     if pp and not pd.isna(r["d_metric_pp_std"]):
         pp += f" ± {r['d_metric_pp_std']:.2f}"
-    return {f"Δ {short} pp": pp, "Δ time": setup_mark(_signed(r["d_train_pct"], " %"), r),
+    if pp and not pd.isna(r.get("d_lo", float("nan"))):  # the paired 95 % interval
+        pp += f" [{_signed(r['d_lo'], '', '+.2f')}, {_signed(r['d_hi'], '', '+.2f')}]"
+    return {f"Δ {short} pp": pp, "verdict": _verdict_cell(r),
+            "Δ time": setup_mark(_signed(r["d_train_pct"], " %"), r),
             "speed-up": _num(r["speedup"], ".2f") and f"×{r['speedup']:.2f}",
             "Δ CO₂": _marked(_signed(r["d_co2_pct"], " %"), bool(r["d_co2_estimated"])),
             "Δ trainable": _signed(r["d_params_pct"], " %"),
             "Δ size": _signed(r["d_size_pct"], " %"),
             "compared with": r["compared_with"] or f"none: {r['no_baseline']}"}
+
+
+def _verdict_cell(r: pd.Series) -> str:
+    """``non-inferior (p 0.52)``; ``–`` where there is no interval (said under the table)."""
+    if not r.get("verdict"):
+        return "–" if r.get("no_interval") else ""
+    return f"{r['verdict']} (p {r['p_value']:.2g})"
+
+
+def interval_lines(comp: Comparison) -> list[str]:
+    """How the intervals were made, then per row why it has none, and repeats / seeds that
+    change nothing."""
+    table = comp.table
+    if "verdict" not in table or not comp.baseline:
+        return []
+    lines = [f"Δ [lo, hi]: {CONFIDENCE:.0%} interval of the paired difference, bootstrap over the "
+             f"same test samples (and over seeds where several), {RESAMPLES} resamples, seed "
+             f"{SEED}; verdict against a non-inferiority margin of {comp.margin:g} pp: "
+             "superior (interval above 0), non-inferior (above −margin), inferior (below "
+             "−margin), inconclusive (across −margin); p: McNemar exact for one model per "
+             "side, else bootstrap"]
+    for _, r in table.iterrows():
+        name = label(r, comp.keys)
+        if r.get("no_interval"):
+            lines.append(f"{name}: no interval: {r['no_interval']}")
+        for note in str(r.get("seed_notes") or "").split("; "):
+            if note and note not in lines:
+                lines.append(note)
+    return lines
 
 
 def failed_lines(comp: Comparison) -> list[str]:
@@ -169,6 +205,8 @@ def terminal_text(comp: Comparison, sort: str | None = None) -> str:
     parts = ["\n".join(header_lines(comp)), table]
     if notes := footnotes(comp):
         parts.append("\n".join(notes))
+    if intervals := interval_lines(comp):
+        parts.append("\n".join(intervals))
     if study := study_lines(comp):
         parts.append("\n".join(study))
     if failed := failed_lines(comp):
@@ -183,6 +221,8 @@ def markdown_text(comp: Comparison, sort: str | None = None, images: list[Path] 
     parts = ["# effbench-compare", "\n".join(f"- {line}" for line in header_lines(comp)), table]
     if notes := footnotes(comp):
         parts.append("\n".join(f"\\{line}" for line in notes))  # a bare * starts a list
+    if intervals := interval_lines(comp):
+        parts.append("\n".join(f"- {line}" for line in intervals))
     if study := study_lines(comp):
         parts.append("\n".join(f"- {line}" for line in study))
     if failed := failed_lines(comp):
