@@ -117,13 +117,14 @@ def write(run_dir: Path, system: Any, dm: Any) -> dict[str, Any]:
 
 
 def _write(run_dir: Path, preds: dict[str, torch.Tensor], dm: Any) -> dict[str, Any]:
-    probs = preds["probs"].float().numpy()
-    labels = preds["labels"].numpy()
     split_labels = dm.labels["test"].numpy()
-    n = len(probs)  # fewer than the split with trainer.limit_test_batches: the first n
+    # The first n of the split: fewer with trainer.limit_test_batches; rows past the split are
+    # the distributed sampler's padding (repeats of the first samples).
+    n = min(len(preds["probs"]), len(split_labels))
+    probs = preds["probs"][:n].float().numpy()
+    labels_int = preds["labels"][:n].numpy().astype(np.int64)
     ids = sample_ids(dm)[:n]
-    labels_int = labels.astype(np.int64)
-    if n > len(split_labels) or not np.array_equal(labels_int, split_labels[:n].astype(np.int64)):
+    if not np.array_equal(labels_int, split_labels[:n].astype(np.int64)):
         return {"error": "the tested labels are not the test split's in its order, so the "
                          "predictions cannot be given sample ids"}
     fingerprint = ids_fingerprint(ids, labels_int, split_identity(dm) if by_position(dm)
