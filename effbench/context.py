@@ -147,7 +147,9 @@ class RunContext:
     techniques: list = field(default_factory=list)  # the stack, in the order they act
     resume: dict[str, Any] | None = None  # {"path", "epoch", "run_dir"} of the checkpoint
     history_rows: list[dict[str, str]] = field(default_factory=list)  # CSV rows before a resume
+    energy: Any = None  # effbench.tracking.EnergyTracker: each phase's energy, next to its time
     _loggers: list | None = None
+    _phase_depth: int = 0
 
     @property
     def resume_from(self) -> str | None:
@@ -155,12 +157,20 @@ class RunContext:
 
     @contextmanager
     def phase(self, name: str):
-        """Adds the wall time of the block to ``time_s[name]``."""
+        """Adds the wall time of the block to ``time_s[name]`` and its energy to
+        ``energy.phases_kwh[name]`` (an inner phase's energy stays with the outer one)."""
+        measure = self.energy is not None and self._phase_depth == 0
+        if measure:
+            self.energy.phase_start(name)
+        self._phase_depth += 1
         start = time.perf_counter()
         try:
             yield
         finally:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+            self._phase_depth -= 1
+            if measure:
+                self.energy.phase_stop()
 
     def loggers(self) -> list:
         """The run's Lightning loggers, built once from ``cfg.logger``."""

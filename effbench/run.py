@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 import traceback
 import warnings
@@ -24,14 +23,7 @@ from effbench.context import RunContext, RunRecord
 from effbench.data.base import ImageDataModule
 from effbench.errors import EffbenchError, user_message
 from effbench.hardware import device_name, resolve_plan
-from effbench.lifecycle import (
-    Interrupted,
-    StopSignals,
-    interrupted_checkpoint,
-    interrupted_message,
-    requeue,
-    slurm_job_id,
-)
+from effbench.lifecycle import Interrupted, StopSignals, interrupted_message
 from effbench.loggers import finish_loggers, quiet_third_party
 from effbench.losses import build_loss
 from effbench.pipeline import build_techniques, check_compatible, requirement
@@ -53,7 +45,7 @@ from effbench.summary import (
     write_json_atomic,
 )
 from effbench.system import ClassifierSystem, Diverged
-from effbench.tracking import EnergyTracker, check_country
+from effbench.tracking import EnergyTracker, add_to_phase, check_country
 from effbench.validate import check_data, check_strategy_trainer_keys, validate
 
 log = logging.getLogger(__name__)
@@ -146,14 +138,6 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     load_at_start = os.getloadavg()
     quiet_third_party()
     rank0 = global_rank(cfg.trainer.get("devices")) == 0
-    try:
-        requeued_job = _requeue_job(cfg)
-    except EffbenchError as err:
-        summary["error"] = str(err)  # refused before the folder is touched
-        return summary
-    if requeued_job and cfg.get("resume") in (None, ""):
-        # A requeued SLURM job runs the same command again: it continues the interrupted run.
-        cfg.resume = interrupted_checkpoint(run_dir)
     lock = RunDirLock(run_dir, cfg.get("resume"))
     # SIGINT / SIGTERM end the run with an `interrupted` summary (effbench/lifecycle.py).
     with StopSignals() as stop:
@@ -205,6 +189,7 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         ctx.resume = resume
         ctx.techniques = techniques
         ctx.record = RunRecord(tracker.kwh_so_far)
+        ctx.energy = tracker  # each phase's energy, next to its time
         accelerator = ctx.trainer_args["accelerator"]
         for t in techniques:
             t.check(ctx)
@@ -237,9 +222,6 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
             summary["error"], ckpt, summary["resume_command"] = interrupted_message(
                 signum, run_dir, overrides, cfg.trainer.get("max_epochs"))
             summary["checkpoint"] = ckpt["path"] if ckpt else None
-            if signum == signal.SIGTERM and (job := _requeue_job(cfg)):
-                summary["requeued"] = requeue(job)
-                summary["error"] += f"; {summary['requeued']}."
     except Exception as err:  # noqa: BLE001 - a failed job is recorded, the sweep goes on
         message = user_message(err) or write_failure(err)
         if isinstance(err, Diverged):  # not a crash, and not a result either
@@ -289,7 +271,8 @@ def _whole_run_energy(energy: dict[str, Any], record: RunRecord) -> dict[str, An
     before = record.before.get("kwh") or 0.0
     if before and energy.get("kwh") is not None:
         share = energy["co2_kg"] / energy["kwh"] if energy["kwh"] else 0.0
-        energy = {**energy, "kwh": energy["kwh"] + before,
+        energy = {**add_to_phase(energy, "train", before, before * share),
+                  "kwh": energy["kwh"] + before,
                   "co2_kg": energy["co2_kg"] + before * share, "kwh_before_resume": before}
     return energy
 
@@ -301,6 +284,8 @@ def _with_batched_share(energy: dict[str, Any], facts: dict[str, Any]) -> dict[s
                   and isinstance(f.get("batched"), dict)), None)
     if not group or group.get("energy_kwh_share") is None or energy.get("kwh") is None:
         return energy
+    energy = add_to_phase(energy, "train", group["energy_kwh_share"],
+                          group.get("co2_kg_share") or 0.0)
     return {**energy, "kwh": energy["kwh"] + group["energy_kwh_share"],
             "co2_kg": (energy.get("co2_kg") or 0.0) + (group.get("co2_kg_share") or 0.0),
             "kwh_batched_share": group["energy_kwh_share"]}
@@ -311,15 +296,6 @@ def _write_error_log(run_dir: Path, text: str) -> None:
         write_text_atomic(run_dir / "error.log", text)
     except OSError as err:
         log.warning("could not write error.log: %s", err)
-
-
-def _requeue_job(cfg: DictConfig) -> str | None:
-    """The SLURM job to requeue on SIGTERM when ``hardware.requeue=true`` asks for it."""
-    asked = cfg.hardware.get("requeue", False)
-    if not isinstance(asked, bool):
-        raise EffbenchError(f"hardware.requeue={asked} is not true or false; use "
-                            "hardware.requeue=true to requeue a SLURM job stopped by SIGTERM.")
-    return slurm_job_id() if asked else None
 
 
 def _write_running(run_dir: Path, summary: dict[str, Any]) -> bool:

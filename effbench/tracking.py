@@ -55,6 +55,16 @@ def measurement_modes(tracker: Any) -> dict[str, Any]:
     return modes
 
 
+def add_to_phase(energy: dict[str, Any], phase: str, kwh: float, co2: float) -> dict[str, Any]:
+    """Energy measured outside this process's tracker (the interrupted part of a resumed run, a
+    batched head's share of its group) joins ``phase`` — training, in both cases."""
+    if "phases_kwh" not in energy:
+        return energy
+    kwhs, co2s = dict(energy["phases_kwh"]), dict(energy["phases_co2_kg"])
+    kwhs[phase], co2s[phase] = kwhs.get(phase, 0.0) + kwh, co2s.get(phase, 0.0) + co2
+    return {**energy, "phases_kwh": kwhs, "phases_co2_kg": co2s}
+
+
 class EnergyTracker:
     """Wraps ``codecarbon.OfflineEmissionsTracker``; if codecarbon cannot measure on this machine
     the run still completes and the summary records why energy is missing."""
@@ -65,6 +75,8 @@ class EnergyTracker:
         self.measure_power_secs = measure_power_secs
         self._tracker = None
         self.error: str | None = None
+        self.phases: dict[str, list[float]] = {}  # phase → [kWh, kg CO₂], measured as tasks
+        self._phase: str | None = None
 
     def start(self) -> None:
         if not self.enabled:
@@ -87,6 +99,44 @@ class EnergyTracker:
             self.error = f"{type(err).__name__}: {err}"
             log.warning("codecarbon could not start: %s", self.error)
             self._tracker = None
+
+    def phase_start(self, name: str) -> None:
+        """Energy of one phase (``train``, ``convert``, …) as a codecarbon task, so that a phase's
+        energy goes with its time (``time_s``) in the summary and the compare."""
+        if self._tracker is None:
+            return
+        try:
+            # start_task restarts the power counters without a reading: take one first, or the
+            # energy since the last periodic reading would be missing from the total.
+            getattr(self._tracker, "_measure_power_and_energy", lambda: None)()
+            self._tracker.start_task(name)
+            self._phase = name
+        except Exception as err:  # noqa: BLE001 - measurement must never kill a run
+            log.warning("codecarbon could not measure phase %s: %s", name, err)
+            self._phase = None
+
+    def phase_stop(self) -> None:
+        name, self._phase = getattr(self, "_phase", None), None
+        if self._tracker is None or name is None:
+            return
+        try:
+            data = self._tracker.stop_task()
+        except Exception as err:  # noqa: BLE001
+            log.warning("codecarbon could not measure phase %s: %s", name, err)
+            return
+        if data is not None:
+            kwh, co2 = self.phases.setdefault(name, [0.0, 0.0])
+            self.phases[name] = [kwh + float(data.energy_consumed), co2 + float(data.emissions)]
+
+    def _phase_facts(self, kwh: float, co2: float) -> dict[str, Any]:
+        """``phases_kwh`` / ``phases_co2_kg`` per phase, ``other`` = what no phase covered."""
+        if not self.phases:
+            return {}
+        out = {"phases_kwh": {k: v[0] for k, v in self.phases.items()},
+               "phases_co2_kg": {k: v[1] for k, v in self.phases.items()}}
+        out["phases_kwh"]["other"] = max(0.0, kwh - sum(out["phases_kwh"].values()))
+        out["phases_co2_kg"]["other"] = max(0.0, co2 - sum(out["phases_co2_kg"].values()))
+        return out
 
     def kwh_so_far(self) -> float | None:
         """Energy measured up to now (codecarbon updates it every ``measure_power_secs``)."""
@@ -111,6 +161,7 @@ class EnergyTracker:
                     "ram_kwh": float(data.ram_energy), "mode": modes,
                     "estimated": any(m is not None and m not in MEASURED
                                      for m in modes.values()),
+                    **self._phase_facts(float(data.energy_consumed), float(co2 or 0.0)),
                     "error": None}
         except Exception as err:  # noqa: BLE001
             return {"kwh": None, "co2_kg": None, "country": self.country, "source": "codecarbon",

@@ -49,3 +49,12 @@ def train_time(time_s: dict[str, float]) -> float | None:
     the precomputed-features study); never conversion, latency timing or evaluation."""
     phases = [time_s[k] for k in TRAIN_PHASES if time_s.get(k) is not None]
     return sum(phases) if phases else time_s.get("total")
+
+
+def train_co2(energy: dict[str, Any]) -> float | None:
+    """CO₂ of the same phases as ``train_time`` (``energy.phases_co2_kg``), so that Δ CO₂ and
+    Δ time measure one thing; the whole job's (``energy.co2_kg``) for summaries without phases."""
+    phases = energy.get("phases_co2_kg")
+    if not isinstance(phases, dict) or not phases:
+        return energy.get("co2_kg")
+    return sum(float(phases[k]) for k in TRAIN_PHASES if phases.get(k) is not None)

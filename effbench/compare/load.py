@@ -15,7 +15,13 @@ from typing import Any
 import pandas as pd
 
 from effbench.compare.facts import effective_size, energy_estimated, energy_mode
-from effbench.compare.keys import CHOICE_KEYS, canon, config_of, train_time  # noqa: F401
+from effbench.compare.keys import (  # noqa: F401
+    CHOICE_KEYS,
+    canon,
+    config_of,
+    train_co2,
+    train_time,
+)
 from effbench.compare.precision import facts as setup_facts
 from effbench.compare.safe import clean
 from effbench.errors import EffbenchError
@@ -73,6 +79,7 @@ def numbers_of(summary: dict[str, Any]) -> dict[str, float]:
                 out[name] = float(value)
     out.pop("epoch", None)
     out["train_s"] = train_time(summary.get("time_s") or {})
+    out["train_co2_kg"] = train_co2(summary.get("energy") or {})  # the phases of train_s
     out["epochs"] = summary.get("epochs")
     out["throughput_img_s"] = summary.get("throughput_img_s")
     out[EFFECTIVE_SIZE] = effective_size(summary)[0]

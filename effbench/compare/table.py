@@ -167,7 +167,8 @@ def header_lines(comp: Comparison) -> list[str]:
     lines = [f"{total} runs ({done} completed, {total - done - unfinished} failed{incomplete}); "
              f"metric {comp.metric}; "
              f"grouped by {', '.join(comp.keys)}; mean ± std over seeds; train s excludes "
-             "set-up and test"]
+             "set-up and test, CO₂ g covers the same phases (whole job: energy.co2_kg in "
+             "compare.csv)"]
     if comp.common:
         lines.append("common: " + ", ".join(f"{k}={v}" for k, v in comp.common.items()))
     if comp.added:
