@@ -15,14 +15,20 @@ run stops at once with :class:`Interrupted`.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
 import shlex
 import signal
+import subprocess
 import threading
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+log = logging.getLogger(__name__)
 
 
 class Interrupted(BaseException):
@@ -113,3 +119,38 @@ def interrupted_message(signum: int, run_dir: Path, overrides: list[str],
     of = f" of {max_epochs}" if max_epochs not in (None, -1) else ""
     return (f"interrupted by {name} after epoch {ckpt['epoch'] + 1}{of}; resume with: {command}",
             ckpt, command)
+
+
+def slurm_job_id() -> str | None:
+    """This SLURM job (``<array job>_<task>`` for an array task), as Lightning's SLURM plugin names
+    it for ``scontrol requeue``; None outside SLURM."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = (f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array
+           else os.environ.get("SLURM_JOB_ID"))
+    return job if job and re.fullmatch(r"[0-9_]+", job) else None
+
+
+def requeue(job: str) -> str:
+    """``scontrol requeue <job>`` (what Lightning's SLURM plugin runs): a sentence for the
+    summary saying whether it worked."""
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                                timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"SLURM job {job} could not be requeued ({err})"
+    if result.returncode != 0:
+        return (f"SLURM job {job} could not be requeued (scontrol: "
+                f"{(result.stderr or result.stdout).strip() or result.returncode})")
+    return f"SLURM job {job} requeued: it starts again in this folder and resumes from there"
+
+
+def interrupted_checkpoint(run_dir: Path) -> str | None:
+    """The checkpoint an ``interrupted`` run in ``run_dir`` named (a requeued job resumes it)."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ckpt = summary.get("checkpoint") if isinstance(summary, dict) else None
+    if summary.get("status") != "interrupted" or not isinstance(ckpt, str):
+        return None
+    return ckpt if Path(ckpt).is_file() else None

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
             publish(tmp, target)  # fsync, rename, folder fsync
         except (OSError, RuntimeError) as err:
-            # torch's zip writer reports a full disk or a file-size limit as a RuntimeError.
-            if not isinstance(err, OSError) and "write" not in str(err):
+            # torch's zip writer (inline_container.cc) reports a full disk or a file-size limit
+            # as a RuntimeError ("file write failed", "unexpected pos …").
+            if not isinstance(err, OSError) and not re.search("write|inline_container",
+                                                              str(err)):
                 raise
             why = (err.strerror if isinstance(err, OSError) and err.strerror
                    else "the disk is full, over quota or past the file-size limit")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 import traceback
 import warnings
@@ -23,7 +24,14 @@ from effbench.context import RunContext, RunRecord
 from effbench.data.base import ImageDataModule
 from effbench.errors import EffbenchError, user_message
 from effbench.hardware import device_name, resolve_plan
-from effbench.lifecycle import Interrupted, StopSignals, interrupted_message
+from effbench.lifecycle import (
+    Interrupted,
+    StopSignals,
+    interrupted_checkpoint,
+    interrupted_message,
+    requeue,
+    slurm_job_id,
+)
 from effbench.loggers import finish_loggers, quiet_third_party
 from effbench.losses import build_loss
 from effbench.pipeline import build_techniques, check_compatible, requirement
@@ -138,6 +146,14 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     load_at_start = os.getloadavg()
     quiet_third_party()
     rank0 = global_rank(cfg.trainer.get("devices")) == 0
+    try:
+        requeued_job = _requeue_job(cfg)
+    except EffbenchError as err:
+        summary["error"] = str(err)  # refused before the folder is touched
+        return summary
+    if requeued_job and cfg.get("resume") in (None, ""):
+        # A requeued SLURM job runs the same command again: it continues the interrupted run.
+        cfg.resume = interrupted_checkpoint(run_dir)
     lock = RunDirLock(run_dir, cfg.get("resume"))
     # SIGINT / SIGTERM end the run with an `interrupted` summary (effbench/lifecycle.py).
     with StopSignals() as stop:
@@ -222,6 +238,9 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
             summary["error"], ckpt, summary["resume_command"] = interrupted_message(
                 signum, run_dir, overrides, cfg.trainer.get("max_epochs"))
             summary["checkpoint"] = ckpt["path"] if ckpt else None
+            if signum == signal.SIGTERM and (job := _requeue_job(cfg)):
+                summary["requeued"] = requeue(job)
+                summary["error"] += f"; {summary['requeued']}."
     except Exception as err:  # noqa: BLE001 - a failed job is recorded, the sweep goes on
         message = user_message(err) or write_failure(err)
         if isinstance(err, Diverged):  # not a crash, and not a result either
@@ -296,6 +315,15 @@ def _write_error_log(run_dir: Path, text: str) -> None:
         write_text_atomic(run_dir / "error.log", text)
     except OSError as err:
         log.warning("could not write error.log: %s", err)
+
+
+def _requeue_job(cfg: DictConfig) -> str | None:
+    """The SLURM job to requeue on SIGTERM when ``hardware.requeue=true`` asks for it."""
+    asked = cfg.hardware.get("requeue", False)
+    if not isinstance(asked, bool):
+        raise EffbenchError(f"hardware.requeue={asked} is not true or false; use "
+                            "hardware.requeue=true to requeue a SLURM job stopped by SIGTERM.")
+    return slurm_job_id() if asked else None
 
 
 def _write_running(run_dir: Path, summary: dict[str, Any]) -> bool:
