@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -131,34 +130,16 @@ def _is_run_record(logger: Any) -> bool:
     return isinstance(logger, (CSVLogger, TensorBoardLogger))
 
 
-def flat_config(cfg: Any) -> dict[str, Any]:
-    """The job's config as ``a.b.c`` keys (resolved where possible), without ``_target_`` keys."""
-    try:
-        tree = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001 - an unresolvable interpolation: record it as written
-        tree = OmegaConf.to_container(cfg, resolve=False)
-    out: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key != "_target_":
-                    walk(value, f"{prefix}.{key}" if prefix else str(key))
-        else:
-            out[prefix] = node if isinstance(node, (int, float, str, bool)) or node is None \
-                else json.dumps(node, default=str)
-
-    walk(tree, "")
-    return out
-
-
 def log_config(loggers: list, cfg: Any) -> None:
-    """The flattened config as each tracker's run parameters (rank 0; Lightning's loggers are
-    no-ops elsewhere)."""
+    """Each tracker's run parameters as the run starts (rank 0; Lightning's loggers are no-ops
+    elsewhere): the job's hyper-parameters, defaults included (effbench.compare.hparams), so even
+    a run that fails has them. The values only the run knows follow in ``finish_loggers``."""
     trackers = [lg for lg in loggers if not _is_run_record(lg)]
     if not trackers:
         return
-    params = flat_config(cfg)
+    from effbench.compare.hparams import config_hparams
+
+    params = config_hparams(cfg)
     for tracker in trackers:
         tracker.log_hyperparams(params)
 
@@ -166,14 +147,18 @@ def log_config(loggers: list, cfg: Any) -> None:
 SUMMARY_ARTIFACT = "effbench-summary.json"  # summary.json as the trackers' artifact
 
 
-def finish_loggers(loggers: list | None, summary_path: Path | str) -> None:
-    """After ``summary.json`` is written (rank 0): each tracker gets the summary as an artifact
-    (``effbench-summary.json``) and its final metrics (``final/…``), and its run is closed as
-    finished or failed. Never raises: a completed run stays completed when a tracker cannot be
-    reached."""
+def finish_loggers(loggers: list | None, summary_path: Path | str, cfg: Any = None) -> None:
+    """After ``summary.json`` is written (rank 0): each tracker gets what TensorBoard's HParams tab
+    gets — the effective hyper-parameters (``effective.lr``, precision, world size…) and the final
+    figures as ``final/…`` (test and best-val metrics, time per phase, energy, CO₂, parameters,
+    sizes, the technique's facts; effbench.compare.hparams) — and the summary as an artifact
+    (``effbench-summary.json``); then its run is closed as finished or failed. Never raises: a
+    completed run stays completed when a tracker cannot be reached."""
     trackers = [lg for lg in loggers or [] if not _is_run_record(lg)]
     if not trackers:
         return
+    from effbench.compare.hparams import effective_hparams, final_metrics
+
     path = Path(summary_path)
     try:
         summary = json.loads(path.read_text())
@@ -181,10 +166,12 @@ def finish_loggers(loggers: list | None, summary_path: Path | str) -> None:
         log.warning("trackers get no summary: cannot read %s (%s)", path, err)
         summary = {}
     ok = summary.get("status") == "completed"
-    final = {f"final/{k}": float(v) for k, v in (summary.get("metrics") or {}).items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    final = final_metrics(summary, cfg)
+    params = effective_hparams(cfg, summary) if cfg is not None else {}
     for tracker in trackers:
         try:
+            if params:
+                tracker.log_hyperparams(params)
             if final:
                 tracker.log_metrics(final, step=int(summary.get("epochs") or 0))
             if path.is_file():

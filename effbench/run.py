@@ -265,7 +265,8 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
     if rank0 and touched:
         _write_records(cfg, run_dir, summary)
         # Trackers (MLflow, W&B) get summary.json as an artifact and close their run.
-        finish_loggers(ctx.built_loggers if ctx is not None else None, run_dir / "summary.json")
+        finish_loggers(ctx.built_loggers if ctx is not None else None, run_dir / "summary.json",
+                       cfg)
     return summary
 
 

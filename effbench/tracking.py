@@ -55,6 +55,23 @@ def measurement_modes(tracker: Any) -> dict[str, Any]:
     return modes
 
 
+def quiet_codecarbon() -> str:
+    """Sets codecarbon's logger to ERROR (or to ``CODECARBON_LOG_LEVEL`` when the user set it) and
+    returns that level for the tracker.
+
+    codecarbon reads its level from the environment once, when first imported (check_country
+    has imported it by now), and applies the tracker's ``log_level`` only at the end of the
+    tracker's set-up: before that it logs its configuration source twice, "offline tracker init"
+    and, with ``allow_multiple_runs``, a "Multiple instances … allowed" warning that says nothing
+    about this run. Its logger does not propagate, so its own level is what decides.
+    """
+    level = os.environ.get("CODECARBON_LOG_LEVEL", "error")
+    numeric = logging.getLevelName(level.upper())
+    logging.getLogger("codecarbon").setLevel(numeric if isinstance(numeric, int)
+                                             else logging.ERROR)
+    return level
+
+
 def add_to_phase(energy: dict[str, Any], phase: str, kwh: float, co2: float) -> dict[str, Any]:
     """Energy measured outside this process's tracker (the interrupted part of a resumed run, a
     batched head's share of its group) joins ``phase`` — training, in both cases."""
@@ -82,15 +99,14 @@ class EnergyTracker:
         if not self.enabled:
             return
         try:
-            # codecarbon logs loudly and may try to reach its API; offline mode + error level.
-            os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")
+            level = quiet_codecarbon()
             from codecarbon import OfflineEmissionsTracker
 
             self.output_dir.mkdir(parents=True, exist_ok=True)  # codecarbon fails silently if not
 
             self._tracker = OfflineEmissionsTracker(
                 country_iso_code=self.country, output_dir=str(self.output_dir),
-                output_file="emissions.csv", log_level="error", save_to_file=True,
+                output_file="emissions.csv", log_level=level, save_to_file=True,
                 measure_power_secs=self.measure_power_secs, tracking_mode="process",
                 allow_multiple_runs=True,  # parallel sweep jobs each keep their own tracker
                 project_name="effbench")
