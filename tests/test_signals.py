@@ -172,3 +172,21 @@ def test_sigterm_under_slurm_with_requeue_requeues_then_resumes(tmp_path: Path) 
     done = _summary(run_dir)
     assert done["status"] == "completed" and done["epochs"] == 4
     assert done["resumed_from"] == str(last)
+
+
+@pytest.mark.slow
+def test_failed_job_of_a_slurm_sweep_is_failed_for_slurm(tmp_path: Path) -> None:
+    """hydra/launcher=slurm (tests/test_scaleout.py's stand-in sbatch/srun/sacct: a task's state
+    is its job script's exit status): the failed job is FAILED, the other COMPLETED."""
+    from tests.test_scaleout import _fake_slurm
+
+    env = {**_fake_slurm(tmp_path), "EFFBENCH_FAULT_FAIL_SEED": "1",
+           "PYTHONPATH": f"{FAULTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-m", "effbench.cli", "-m", "hydra/launcher=slurm",
+                          "hydra.launcher.gpus_per_node=null", "seed=0,1", *TINY],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stdout + res.stderr, res.stderr[-3000:]
+    states = sorted(p.read_text().split("|")[1].strip()
+                    for p in (tmp_path / "slurm_state").glob("task_*"))
+    assert states == ["COMPLETED", "FAILED"]
