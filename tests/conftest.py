@@ -49,7 +49,9 @@ def run_job(tmp_path: Path, overrides: list[str]) -> dict:
     """One job in this process (composed as the CLI would) into ``tmp_path/run``."""
     from effbench.run import run_overrides
 
-    return run_overrides([*TINY, *overrides], tmp_path / "run")
+    summary = run_overrides([*TINY, *overrides], tmp_path / "run")
+    assert_predictions(tmp_path / "run", summary)
+    return summary
 
 
 def load_summary(run_dir: Path) -> dict:
@@ -62,7 +64,26 @@ def load_summary(run_dir: Path) -> dict:
 
     summary = json.loads((run_dir / "summary.json").read_text())
     jsonschema.validate(summary, SCHEMA)
+    assert_predictions(run_dir, summary)
     return summary
+
+
+def assert_predictions(run_dir: Path, summary: dict, limited: bool = False) -> None:
+    """Every completed run keeps predictions.npz: one row per test sample (the first ones only
+    where trainer.limit_test_batches cuts the test short)."""
+    if summary.get("status") != "completed":
+        return
+    import numpy as np
+
+    record = summary.get("predictions") or {}
+    assert "error" not in record and record.get("file") == "predictions.npz", record
+    with np.load(Path(run_dir) / "predictions.npz", allow_pickle=False) as z:
+        rows = len(z["ids"])
+        assert len(z["probs"]) == len(z["labels"]) == rows == record["rows"]
+    config = Path(run_dir) / "resolved_config.yaml"  # the run's own trainer.limit_test_batches
+    limited = limited or (config.is_file() and "limit_test_batches: null" not in
+                          config.read_text() and "limit_test_batches:" in config.read_text())
+    assert rows == record["test_split"] or (limited and 0 < rows < record["test_split"]), record
 
 
 # Shrinks any preset to seconds on a CPU: one batch, 32 px, random init, no energy tracking.
@@ -96,4 +117,6 @@ def run_preset_job(tmp_path: Path, overrides: list[str]) -> dict:
     del cfg["hydra"]
     from effbench.run import run
 
-    return run(cfg, tmp_path / "run", choices, overrides)
+    summary = run(cfg, tmp_path / "run", choices, overrides)
+    assert_predictions(tmp_path / "run", summary, limited=True)  # SHRINK: one test batch
+    return summary

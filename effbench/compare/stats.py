@@ -174,7 +174,7 @@ def side_of(preds_by_seed: dict[str, list[Predictions]], name: str) -> Side:
         if len(runs) > 1:
             notes.append(f"{name}: {len(runs)} runs of seed {seed} are repeats, counted as one "
                          "seed")
-        key = tuple(sorted(hashlib.sha256(p.probs.tobytes()).hexdigest() for p in runs))
+        key = tuple(sorted({hashlib.sha256(p.probs.tobytes()).hexdigest() for p in runs}))
         groups.setdefault(key, runs)
         kept_names.setdefault(key, []).append(seed)
     same = [seeds for seeds in kept_names.values() if len(seeds) > 1]

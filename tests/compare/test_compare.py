@@ -8,16 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from effbench.compare import paired_comparison
 from effbench.compare.cli import main
+from effbench.compare.cli import run as compare_run
 from effbench.compare.curves import config_curve
 from effbench.compare.group import compare
 from effbench.compare.load import load_runs, train_time
+from effbench.compare.stats import VERDICTS
 from tests.compare.conftest import fake_run
-from tests.conftest import CONF, FAST, run_cli
+from tests.conftest import CONF, FAST, assert_predictions, run_cli
 
 SWEEP = ["dataset=synthetic", "dataset.num_train=96", "dataset.num_val=32", "dataset.num_test=32",
          "dataset.batch_size=32", "trainer.max_epochs=1", "tracking.energy=false", *FAST]
@@ -93,6 +97,18 @@ def test_real_sweep_table_matches_summaries(tmp_path: Path) -> None:
     assert bool(table.loc[base_cfg, "baseline"]) and not bool(d["baseline"])
     assert f"{d['d_metric_pp']:+.2f}".replace("-", "−") in res.stdout
     assert f"×{d['speedup']:.2f}" in res.stdout
+
+    # Every run kept its predictions; the paired interval and verdict against finetune (two
+    # seeds a side: the two-level bootstrap) are in the CSV, the table and the technique's line.
+    for path in sweep.rglob("summary.json"):
+        assert_predictions(path.parent, json.loads(path.read_text()))
+    for col in ("d_lo", "d_hi", "p_value", "verdict", "margin", "n_samples", "n_seeds"):
+        assert col in table.columns, col
+    assert d["d_lo"] <= d["d_metric_pp"] <= d["d_hi"] and d["verdict"] in VERDICTS
+    assert (d["n_samples"], d["n_seeds"], d["margin"]) == (32, 2, 1.0)
+    lo, hi = (f"{v:+.2f}".replace("-", "−") for v in (d["d_lo"], d["d_hi"]))
+    assert f"[{lo}, {hi}]" in res.stdout and f"{d['verdict']} (p " in res.stdout
+    assert f"… {d['verdict']} at 1 pp (bootstrap p = " in res.stdout
 
     out = sweep / "compare"
     md = (out / "compare.md").read_text()
@@ -226,6 +242,7 @@ def test_failed_runs_are_listed_not_dropped(study: Path, capsys: pytest.CaptureF
     (["--metric", "test/nope"], "metric test/nope is in no completed run; use --metric with one"),
     (["--by", "nope"], "--by nope is not a config key of these runs"),
     (["--sort", "nope"], "--sort nope is not a column of the table"),
+    (["--margin", "lots"], "--margin lots is not a margin in percentage points"),
 ])
 def test_bad_input_is_one_clear_sentence(study: Path, args: list[str], message: str,
                                          capsys: pytest.CaptureFixture) -> None:
@@ -284,3 +301,76 @@ def test_all_failed_is_an_error_naming_one(tmp_path: Path, capsys: pytest.Captur
         main([str(tmp_path), "--no-plots"])
     assert done.value.code != 0
     assert "none of the 1 runs completed" in capsys.readouterr().err
+
+
+# -- paired intervals on predictions written in the real format ---------------------------------
+
+def with_predictions(run_dir: Path, correct: list[bool] | np.ndarray,
+                     ids_sha: str = "same-test-set") -> Path:
+    """``predictions.npz`` of a binary classifier that is right exactly where ``correct`` is."""
+    correct = np.asarray(correct, dtype=bool)
+    labels = np.arange(len(correct)) % 2
+    predicted = np.where(correct, labels, 1 - labels)
+    probs = np.where(np.eye(2, dtype=bool)[predicted], 0.9, 0.1).astype(np.float32)
+    np.savez(run_dir / "predictions.npz", ids=np.arange(len(correct)).astype(str), labels=labels,
+             probs=probs, class_names=np.array(["a", "b"]), task=np.array("multiclass"),
+             test_ids_sha256=np.array(ids_sha))
+    return run_dir
+
+
+def test_interval_and_verdict_from_predictions(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    rng = np.random.default_rng(0)
+    base = rng.random(400) < 0.9
+    cheap = base.copy()
+    cheap[np.flatnonzero(base)[::10]] = False  # 10 % of the right answers lost
+    root = tmp_path / "sweep"
+    with_predictions(fake_run(root, "ft", "finetune", 0, base.mean(), 10.0), base)
+    with_predictions(fake_run(root, "fr", "freeze", 0, cheap.mean(), 2.0), cheap)
+    assert compare_run([str(root), "--no-plots", "--margin", "2pp"]) == 0
+    text = capsys.readouterr().out
+    row = pd.read_csv(root / "compare" / "compare.csv").set_index("strategy").loc["freeze"]
+    assert row["verdict"] == "inferior" and row["p_value"] < 0.01 and row["d_hi"] < -2
+    assert row["margin"] == 2.0 and row["n_samples"] == 400 and row["n_seeds"] == 1
+    assert "freeze vs finetune (1 configuration): test/acc −" in text
+    assert "… inferior at 2 pp (McNemar exact p = " in text
+    assert "400 test samples, 1 vs 1 seeds" in text
+
+    result = paired_comparison(root / "fr", root / "ft", margin=2.0)  # the notebook API
+    assert result.verdict == "inferior" and result.lo == pytest.approx(row["d_lo"])
+    same = paired_comparison(root / "ft", root / "ft", margin=0.5)
+    assert (same.delta, same.verdict) == (0.0, "non-inferior")
+
+
+def test_runs_without_predictions_or_on_other_images_get_no_interval(
+        study: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert compare_run([str(study), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    table = pd.read_csv(study / "compare" / "compare.csv")
+    assert table["d_lo"].isna().all() and set(table["verdict"].dropna()) <= {""}
+    assert "no interval:" in text and "has no predictions.npz" in text
+
+    root = tmp_path / "other"
+    with_predictions(fake_run(root, "ft", "finetune", 0, 0.9, 10.0), [True] * 50)
+    with_predictions(fake_run(root, "fr", "freeze", 0, 0.9, 2.0), [True] * 50, "another-split")
+    assert compare_run([str(root), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert "freeze: no interval: freeze and finetune were not tested on the same images" in text
+
+
+def test_seeds_counted_honestly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """n counts distinct seeds: a re-run of seed 0 is a repeat; seeds whose predictions are
+    identical are one model, and said so."""
+    root = tmp_path / "sweep"
+    right = [True] * 40 + [False] * 10
+    for name, seed in (("ft0", 0), ("ft0_again", 0), ("ft1", 1)):
+        with_predictions(fake_run(root, name, "finetune", seed, 0.8, 10.0), right)
+    for seed in (0, 1):
+        with_predictions(fake_run(root, f"fr{seed}", "freeze", seed, 0.8, 2.0), right)
+    assert compare_run([str(root), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    table = pd.read_csv(root / "compare" / "compare.csv").set_index("strategy")
+    assert table.loc["finetune", "n"] == 2 and table.loc["finetune", "repeats"] == 1
+    assert "2 (+1 repeat)" in text and "2 runs of seed 0 are repeats" in text
+    assert "freeze: seeds 0, 1 gave identical predictions" in text
+    assert table.loc["freeze", "n_seeds"] == 1 and table.loc["freeze", "n_seeds_baseline"] == 1
