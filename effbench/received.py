@@ -7,24 +7,21 @@ escape sequences. The rules, in one place:
 
 - a file is read only if it is a regular file of bounded size (:func:`read_regular`), and parsed
   by a data-only parser (JSON, ``yaml.safe_load``; tensors by safetensors);
-- nothing the file names is called: a dataset is rebuilt from the classes that effbench's own
-  ``conf/dataset/*.yaml`` register (:func:`rebuild_dataset`), with plain options (numbers,
-  strings, booleans, lists of them) that its constructor declares;
+- nothing the file names is called: what it describes is rebuilt from names that effbench
+  registers, with plain options (numbers, strings, booleans, lists of them) that the
+  constructor declares (:func:`plain_options`; the dataset: ``saved_model.dataset_class``);
 - a value from the file that reaches the terminal or a message goes through :func:`printable`.
 
-Light on purpose (no torch at import): ``effbench-compare`` uses it too.
+Light on purpose (it imports nothing of effbench's but errors): ``effbench-compare`` uses it.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import stat
 import unicodedata
 from collections.abc import Mapping
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 from effbench.errors import EffbenchError
@@ -157,60 +154,6 @@ def plain_options(node: Mapping[str, Any], accepted: set[str], where: str,
                                 "run's file, or run the job again.")
         out[key] = value
     return out
-
-
-# -- datasets by their registered names ------------------------------------------------------------
-@cache
-def dataset_registry() -> dict[str, str]:
-    """``_target_`` → option name of every dataset effbench ships (``conf/dataset/*.yaml``): the
-    only classes a received config may name."""
-    from effbench.config import CONF_DIR
-
-    out: dict[str, str] = {}
-    for path in sorted((Path(CONF_DIR) / "dataset").glob("*.yaml")):
-        node = read_yaml(path)
-        if isinstance(node, dict) and isinstance(node.get("_target_"), str):
-            out[node["_target_"]] = path.stem
-    return out
-
-
-def dataset_class(target: Any, where: str) -> type:
-    """The datamodule class a registered ``_target_`` names; anything else, one sentence."""
-    registry = dataset_registry()
-    if not isinstance(target, str) or target not in registry:
-        raise EffbenchError(f"{where}: dataset._target_={shown(target)} is not one of effbench's "
-                            f"datasets ({', '.join(sorted(registry.values()))}), so it is not "
-                            "called; restore the run's resolved_config.yaml.")
-    module, _, name = target.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    from effbench.data.base import ImageDataModule
-
-    if not (isinstance(cls, type) and issubclass(cls, ImageDataModule)):  # a broken conf/ tree
-        raise EffbenchError(f"conf/dataset/{registry[target]}.yaml names {target}, which is not "
-                            "an effbench datamodule; reinstall effbench.")
-    return cls
-
-
-def dataset_options(node: Any, where: str) -> tuple[type, dict[str, Any]]:
-    """The class and validated options of a received ``dataset`` config node."""
-    if not isinstance(node, dict):
-        raise EffbenchError(f"{where} has no dataset section (a mapping with _target_); restore "
-                            "the run's resolved_config.yaml.")
-    node = dict(node)
-    cls = dataset_class(node.pop("_target_", None), where)
-    return cls, plain_options(node, accepted_parameters(cls), where, "dataset")
-
-
-def build_dataset(cls: type, options: dict[str, Any], where: str) -> Any:
-    """``cls(**options)``; what the constructor refuses becomes one sentence."""
-    try:
-        return cls(**options)
-    except EffbenchError:
-        raise
-    except (TypeError, ValueError, OverflowError) as err:
-        raise EffbenchError(f"{where}: the dataset options are not valid for "
-                            f"{cls.__name__} ({type(err).__name__}: {first_line(err)}); restore "
-                            "the run's resolved_config.yaml.") from err
 
 
 def first_line(err: BaseException) -> str:

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,14 +44,14 @@ from effbench.compression.graph import GraphFormatError, from_json, to_json
 from effbench.compression.int8 import FixedBatch, lower_x86
 from effbench.compression.structured import module_shapes, resize_to
 from effbench.errors import EffbenchError
-from effbench.metrics import build_metrics, split_scalars
+from effbench.metrics import build_metrics, probabilities, split_scalars
+from effbench.predictions import max_abs_diff
 from effbench.received import (
     RefusedFile,
     accepted_parameters,
-    build_dataset,
-    dataset_options,
     first_line,
     is_plain,
+    plain_options,
     read_json,
     read_regular,
     read_yaml,
@@ -355,6 +357,7 @@ PREPROCESSING: dict[str, tuple[Callable[[Any], bool], str]] = {
     "normalize": (lambda v: isinstance(v, bool), "true or false"),
     "expected_mean": (lambda v: v is None or _triple(v), "null or 3 numbers"),
     "expected_std": (lambda v: v is None or _triple(v), "null or 3 numbers"),
+    "resize": (lambda v: v in ("crop", "whole"), "crop or whole"),
 }
 REQUIRED_PREPROCESSING = ("crop_size", "resize_size", "mean", "std")
 
@@ -553,6 +556,60 @@ def load(path: str | Path) -> LoadedModel:
     return LoadedModel(network, manifest, model_dir).eval()
 
 
+# -- datasets by their registered names ------------------------------------------------------------
+@cache
+def dataset_registry() -> dict[str, str]:
+    """``_target_`` → option name of every dataset effbench ships (``conf/dataset/*.yaml``): the
+    only classes a received config may name."""
+    from effbench.config import CONF_DIR
+
+    out: dict[str, str] = {}
+    for path in sorted((Path(CONF_DIR) / "dataset").glob("*.yaml")):
+        node = read_yaml(path)
+        if isinstance(node, dict) and isinstance(node.get("_target_"), str):
+            out[node["_target_"]] = path.stem
+    return out
+
+
+def dataset_class(target: Any, where: str) -> type:
+    """The datamodule class a registered ``_target_`` names; anything else, one sentence."""
+    registry = dataset_registry()
+    if not isinstance(target, str) or target not in registry:
+        raise EffbenchError(f"{where}: dataset._target_={shown(target)} is not one of effbench's "
+                            f"datasets ({', '.join(sorted(registry.values()))}), so it is not "
+                            "called; restore the run's resolved_config.yaml.")
+    module, _, name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    from effbench.data.base import ImageDataModule
+
+    if not (isinstance(cls, type) and issubclass(cls, ImageDataModule)):  # a broken conf/ tree
+        raise EffbenchError(f"conf/dataset/{registry[target]}.yaml names {target}, which is not "
+                            "an effbench datamodule; reinstall effbench.")
+    return cls
+
+
+def dataset_options(node: Any, where: str) -> tuple[type, dict[str, Any]]:
+    """The class and validated options of a received ``dataset`` config node."""
+    if not isinstance(node, dict):
+        raise EffbenchError(f"{where} has no dataset section (a mapping with _target_); restore "
+                            "the run's resolved_config.yaml.")
+    node = dict(node)
+    cls = dataset_class(node.pop("_target_", None), where)
+    return cls, plain_options(node, accepted_parameters(cls), where, "dataset")
+
+
+def build_dataset(cls: type, options: dict[str, Any], where: str) -> Any:
+    """``cls(**options)``; what the constructor refuses becomes one sentence."""
+    try:
+        return cls(**options)
+    except EffbenchError:
+        raise
+    except (TypeError, ValueError, OverflowError) as err:
+        raise EffbenchError(f"{where}: the dataset options are not valid for "
+                            f"{cls.__name__} ({type(err).__name__}: {first_line(err)}); restore "
+                            "the run's resolved_config.yaml.") from err
+
+
 # -- evaluation ----------------------------------------------------------------------------------
 def test_split_record(dm: Any) -> dict[str, Any]:
     """What identifies the test split a model was scored on (its size and a hash of its labels in
@@ -581,6 +638,8 @@ def received_dataset_options(options: dict[str, Any], manifest: dict[str, Any], 
         options["cache_dir"] = os.environ.get("EFFBENCH_CACHE_DIR") or user_cache_dir()
     if "download" in options:  # the run's images or none: a missing copy is refused below
         options["download"] = False
+    if isinstance(options.get("num_workers"), int):  # this machine's cores, not the file's
+        options["num_workers"] = max(0, min(options["num_workers"], os.cpu_count() or 1))
     root = options.get("root")
     if data_root is not None:
         root = str(Path(data_root).expanduser().resolve())
@@ -648,11 +707,13 @@ def evaluate(model: LoadedModel, run_dir: str | Path | None = None,
     run_dir = Path(run_dir) if run_dir is not None else model.model_dir.parent
     dm = rebuild_test_data(run_dir, model, data_root)
     metrics = build_metrics(dm.task, dm.num_classes)
+    probs = []  # compared with the run's predictions.npz
     try:
         with torch.no_grad():
             for images, y in dm.loader("test", shuffle=False):
                 logits = model(images)
                 metrics.update(logits.float(), y.long() if dm.task == "multilabel" else y)
+                probs.append(probabilities(logits.float(), dm.task))
     except RuntimeError as err:  # shapes of a manifest that does not describe this model
         raise EffbenchError(f"the model in {model.model_dir} does not run on the test images "
                             f"of {run_dir / 'resolved_config.yaml'} ({first_line(err)}); "
@@ -661,4 +722,6 @@ def evaluate(model: LoadedModel, run_dir: str | Path | None = None,
     scalars, _ = split_scalars(metrics.compute(), prefix, dm.class_names)
     recorded = dict(model.manifest.get("metrics") or {})
     return {"metrics": scalars, "recorded": {k: recorded.get(k) for k in scalars},
-            "images": len(dm.labels["test"]), "dataset": dm.name}
+            "images": len(dm.labels["test"]), "dataset": dm.name,
+            "predictions": max_abs_diff(run_dir, torch.cat(probs).numpy() if probs else None,
+                                        int8=prefix.startswith("int8"))}
