@@ -48,6 +48,10 @@ def table(result: dict[str, Any], manifest: dict[str, Any], where: str) -> str:
         diff = f"{value - run:+.2e}" if run is not None else "n/a"
         run_text = f"{run:.6f}" if run is not None else "n/a"
         lines.append(f"  {printable(name):<24}{value:>10.6f}{run_text:>10}{diff:>11}")
+    preds = result.get("predictions") or {}
+    lines.append(f"  predictions: {printable(preds['error'])}" if "error" in preds else
+                 f"  predictions: max |Δ probability| {preds['max_abs_prob_diff']:.2e} vs the "
+                 f"run's predictions.npz ({preds['array']}, {preds['rows']} rows)")
     return "\n".join(lines)
 
 

@@ -185,14 +185,17 @@ def read(run_dir: str | os.PathLike, expected_sha256: str | None = None) -> Pred
         raise PredictionsError(f"{path} is not a readable predictions file ({err})") from None
 
 
-def max_abs_diff(run_dir: str | os.PathLike, probs: np.ndarray, int8: bool = False
+def max_abs_diff(run_dir: str | os.PathLike, probs: np.ndarray | None, int8: bool = False
                  ) -> dict[str, Any]:
-    """``effbench-eval``: how far re-computed probabilities are from the stored ones."""
+    """``effbench-eval``: how far re-computed probabilities are from the stored ones (over the
+    rows both have: the run may have tested fewer, with trainer.limit_test_batches)."""
     try:
         stored = read(run_dir)
     except PredictionsError as err:
         return {"error": str(err)}
     ref = stored.int8_probs if int8 and stored.int8_probs is not None else stored.probs
+    if probs is None or probs.ndim != 2 or probs.shape[1] != ref.shape[1]:
+        return {"error": "the re-computed probabilities do not have the stored ones' classes"}
     n = min(len(ref), len(probs))
     diff = float(np.abs(ref[:n] - probs[:n]).max()) if n else 0.0
     return {"max_abs_prob_diff": diff, "rows": n,
