@@ -214,3 +214,18 @@ def test_failed_writes_one_sentence_no_temp_files(fault: str, tmp_path: Path) ->
     assert res.returncode == 1, line
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_completed_sweep_folder_is_never_rewritten(tmp_path: Path) -> None:
+    """A sweep into the folder of an earlier sweep (Hydra would rewrite its multirun.yaml), and a
+    single run into a sweep's folder: one sentence each, the sweep's folder byte for byte."""
+    sweep = tmp_path / "sweep"
+    res = run_cli(["-m", *TINY, f"hydra.sweep.dir={sweep}", "seed=0"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (sweep / "multirun.yaml").is_file()
+    before = _snapshot(sweep)
+    again = run_cli(["-m", *TINY, f"hydra.sweep.dir={sweep}", "seed=0,1"], cwd=tmp_path)
+    _one_sentence(again, f"hydra.sweep.dir={sweep} already holds a sweep")
+    into_root = run_cli([*TINY, f"hydra.run.dir={sweep}"], cwd=tmp_path)
+    _one_sentence(into_root, "is the folder of a sweep")
+    assert _snapshot(sweep) == before
