@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from effbench.compare import safe
+from effbench.compare.cost import charge
 from effbench.compare.group import DEFAULT_BASELINE, compare
 from effbench.compare.load import find_summaries, load_runs
 from effbench.compare.output import prepare_out
@@ -48,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--best-so-far", action="store_true",
                    help="learning curves as the running best (the dynamic study's elitism)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--amortize", action="store_true", help="share each feature-cache build among "
+                   "the jobs that used it (default: each job pays for the features it used)")
     p.add_argument("--search-cost", default=None, metavar="KEY",
                    help="the cost of a hyper-parameter search per value of KEY (e.g. strategy): "
                         "summed training time, best job by --metric (default val/acc; "
@@ -85,6 +88,7 @@ def run(argv: list[str] | None = None) -> int:
         table = search_cost(runs, args.search_cost, args.metric)
         print(safe.text(search_text(table, args.search_cost)))
         return 0
+    runs = charge(runs, amortize=args.amortize)  # a cache hit pays for its features
     comp = compare(runs, metric=args.metric, by=by, baseline=args.baseline,
                    margin=parse_margin(args.margin))
     out = prepare_out(args.out or default_out(args.paths[0]))

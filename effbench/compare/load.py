@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from effbench.compare.cost import cache_columns
 from effbench.compare.facts import effective_size, energy_estimated, energy_mode
 from effbench.compare.keys import (  # noqa: F401
     CHOICE_KEYS,
@@ -201,7 +202,8 @@ def load_runs(paths: list[str]) -> pd.DataFrame:
                          "incomplete: killed, or still running" if summary.get("status")
                          == "running" else None),
                      "task": (summary.get("data") or {}).get("task"),
-                     **config, **numbers_of(summary), **facts_of(summary)})
+                     **config, **numbers_of(summary), **facts_of(summary),
+                     **cache_columns(summary)})
     if not rows:
         path, why = skipped[0]
         raise EffbenchError(f"{path} is not a run summary ({why})"

@@ -177,6 +177,8 @@ def header_lines(comp: Comparison) -> list[str]:
     if comp.baseline:
         lines.append("baseline: " + ", ".join(f"{k}={v}" for k, v in comp.baseline.items())
                      + " (matched on the config keys both runs set)")
+    if view := comp.runs.attrs.get("cost_view"):  # cache-hit jobs: per run or amortised
+        lines.append(view)
     sources = sorted({s for s in comp.completed["size_source"].dropna()
                       if s != f"{DENSE_SIZE}"})
     if sources:

@@ -31,7 +31,7 @@ from effbench.rundir import publish
 log = logging.getLogger(__name__)
 
 # Bump when extraction or BN adaptation changes what they produce: old entries stop matching.
-EXTRACTOR_VERSION = "1"
+EXTRACTOR_VERSION = "2"  # 2: adaptation reads a seeded shuffle, entries record their cost
 
 
 def _update(h: Any, value: Any) -> None:

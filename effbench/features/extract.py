@@ -11,10 +11,26 @@ from tqdm.auto import tqdm
 from effbench.data.base import ImageDataModule
 
 
-def train_batches(dm: ImageDataModule, device: torch.device) -> Iterator[torch.Tensor]:
-    """Normalised training batches in a fixed order (BN adaptation's input). A batch of one is
-    skipped: BN in train mode cannot take statistics of a single 1×1 feature map."""
-    for x, _ in dm.loader("train", shuffle=False):
+def adaptation_order(n: int, seed: int) -> list[int]:
+    """The order BN adaptation reads the training split in: a permutation fixed by ``seed``.
+
+    Why not file order: datasets list their files class by class (brain_mri, breakhis), and with
+    an EMA momentum the running statistics would end as those of the last class (class-pure batches
+    also give a per-batch variance of one class, not of the dataset). Shuffled batches each look
+    like the dataset. Why one permutation for every pass: the passes then see the same batches,
+    which lets ``bn_adapt`` replay them from one recorded forward pass."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+
+
+def train_batches(dm: ImageDataModule, device: torch.device, seed: int,
+                  progress: bool = False) -> Iterator[torch.Tensor]:
+    """Normalised training batches in the seeded shuffled order of :func:`adaptation_order`, the
+    same on every call (BN adaptation's input). A batch of one is skipped: BN in train mode cannot
+    take statistics of a single 1×1 feature map."""
+    dm.setup()
+    order = adaptation_order(len(dm.datasets["train"]), seed)
+    loader = dm.loader("train", shuffle=False, sampler=order)
+    for x, _ in tqdm(loader, desc="BN adaptation", disable=not progress, leave=False):
         if len(x) > 1:
             yield dm.normalize(x.to(device, non_blocking=True))
 

@@ -47,6 +47,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from effbench.backbones.base import Preprocessing
+from effbench.compare.cost import build_energy
 from effbench.errors import EffbenchError
 from effbench.features.batched import PRETRAINED, job_key
 from effbench.features.bn_adapt import BNAdaptResult, adapt_batchnorm, bn_state
@@ -102,6 +103,20 @@ class CacheHit:
     entry: dict[str, Any]
     feats: dict[str, tuple[torch.Tensor, torch.Tensor]]
     bn: dict[str, Any] | None
+    costs: dict[str, dict[str, Any]]  # per entry: what building it cost (``_entry_cost``)
+
+
+def _entry_cost(seconds: float, run_dir: Any, hit: bool) -> dict[str, Any]:
+    """One cache entry's build cost: seconds, the run that built it, and whether this job loaded
+    it instead of computing it (then those seconds are a cost it was spared)."""
+    return {"s": float(seconds), "built_by": None if run_dir is None else str(run_dir),
+            "hit": bool(hit)}
+
+
+def _stored_cost(text: str | None) -> dict[str, Any]:
+    cost = json.loads(text or "{}")
+    return {"s": float(cost.get("time_s") or cost.get("extract_s") or 0.0),
+            "built_by": cost.get("built_by")}
 
 
 @contextmanager
@@ -142,7 +157,8 @@ class Precomputed(Technique):
     def __init__(self, name: str = "precomputed", head: str = "mlp", hidden: int = 512,
                  dropout: float = 0.3, ambiguity_weight: float = 1.0, bn_adapt: bool = True,
                  bn_threshold: float = 0.01, bn_max_passes: int = 10,
-                 bn_momentum: float | None = 0.1, head_batch_size: int | None = None,
+                 bn_momentum: float | None = 0.1, bn_shuffle_seed: int = 0,
+                 head_batch_size: int | None = None,
                  eval_on: str = "features", head_threads: int | None = None,
                  save_model: bool = True) -> None:
         super().__init__(name)
@@ -156,11 +172,15 @@ class Precomputed(Technique):
         self.bn_threshold, self.bn_max_passes, self.bn_momentum = (bn_threshold, bn_max_passes,
                                                                    bn_momentum)
         self.head_batch_size, self.eval_on = head_batch_size, eval_on
+        # Fixes the shuffled order BN adaptation reads the training images in; not the run's seed,
+        # so a seed sweep over pretrained weights still shares one cache entry.
+        self.bn_shuffle_seed = bn_shuffle_seed
         self._hit: CacheHit | None = None
         self._lookup: str | None = None
         self._fast: dict[str, Any] = {}
         self._costs: dict[str, float] = {}
         self._keys: FeatureKeys | None = None
+        self._entry_costs: dict[str, dict[str, Any]] = {}
 
     # -- the cache-hit fast path (called by run.build_context before it builds anything) ------
     def cached_parts(self, cfg: DictConfig) -> tuple[nn.Module, ImageDataModule] | None:
@@ -201,16 +221,19 @@ class Precomputed(Technique):
         if entry is None or not json.loads(entry.get("equivalence") or "{}").get("ok"):
             return None
         keys = entry["keys"]
-        feats = {}
+        feats, costs = {}, {}
         for split in SPLITS:
             stored = cache.load(keys[split])
             if stored is None:
                 return None
             feats[split] = (stored["features"], stored["labels"])
+            costs[split] = {**_stored_cost(stored.get("cost")), "hit": True}
         bn = cache.load(keys["bn"]) if entry["bn_adapted"] else None
         if entry["bn_adapted"] and bn is None:
             return None
-        return CacheHit(lookup, entry, feats, bn)
+        costs["bn"] = ({**_stored_cost(bn["record"]), "hit": True} if bn is not None
+                       else _entry_cost(0.0, None, True))
+        return CacheHit(lookup, entry, feats, bn, costs)
 
     def ensure_backbone(self, ctx: RunContext) -> nn.Module:
         """The adapted backbone in ``ctx.system.backbone``: after a fast-path hit it is built
@@ -264,12 +287,21 @@ class Precomputed(Technique):
 
     def headline(self, summary: dict[str, Any]) -> str | None:
         s = self.facts(summary)
-        bn = s.get("bn_adaptation") or {}
-        how = "hit" if s.get("cache_hit") else "miss (features computed)"
-        if (s.get("fast_path") or {}).get("used"):
-            how = "hit (no image decoded, no backbone built)"
-        return (f"cache {how}   BN passes {bn.get('passes', 'n/a')}   head trained on "
-                f"{s.get('train_images')} feature vectors")
+        bn, cache = s.get("bn_adaptation") or {}, s.get("cache") or {}
+        built = sum((cache.get("built_s") or {}).values())
+        if s.get("cache_hit"):
+            fast = (s.get("fast_path") or {}).get("used")
+            by = cache.get("built_by") or "an earlier run"
+            how = (f"cache hit{' (no image decoded, no backbone built)' if fast else ''}: "
+                   f"features built in {built:.1f} s by {by}")
+            passes = ("BN adaptation skipped" if bn.get("skipped") else
+                      f"BN statistics loaded (adapted there in {bn.get('passes', 'n/a')} passes)")
+        else:
+            how = f"cache miss: features built here in {built:.1f} s"
+            passes = ("BN adaptation skipped" if bn.get("skipped") else
+                      f"BN passes {bn.get('passes', 'n/a')}")
+        return (f"{how}   {passes}   head trained {s.get('head_epochs', 'n/a')} epochs on "
+                f"{s.get('train_vectors', 'n/a')} feature vectors")
 
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         head = ctx.system.head
@@ -308,6 +340,10 @@ class Precomputed(Technique):
             raise EffbenchError("invalid value "
                                 f"strategy.precomputed.bn_momentum={self.bn_momentum!r}: use "
                                 "a factor in (0, 1] or null for the cumulative average.")
+        if not (isinstance(self.bn_shuffle_seed, int) and not isinstance(self.bn_shuffle_seed, bool)
+                and self.bn_shuffle_seed >= 0):
+            raise EffbenchError("invalid value strategy.precomputed.bn_shuffle_seed="
+                                f"{self.bn_shuffle_seed!r}: use a whole number such as 0.")
         if not (isinstance(self.ambiguity_weight, (int, float)) and self.ambiguity_weight >= 0):
             raise EffbenchError(f"invalid value strategy.precomputed.ambiguity_weight="
                                 f"{self.ambiguity_weight!r}: use 0 (off) or a positive α.")
@@ -321,10 +357,11 @@ class Precomputed(Technique):
                                 ": use 2 or more, or null for dataset.batch_size.")
 
     def _bn_settings(self, batch_size: int) -> dict[str, Any]:
-        # Batch size matters: train-mode BN averages per-batch statistics.
+        # Batch size and order matter: train-mode BN averages per-batch statistics.
         return {"enabled": bool(self.bn_adapt), "threshold": self.bn_threshold,
                 "max_passes": self.bn_max_passes, "momentum": self.bn_momentum,
-                "batch_size": int(batch_size)}
+                "batch_size": int(batch_size), "order": "shuffled",
+                "shuffle_seed": int(self.bn_shuffle_seed)}
 
     def _from_hit(self, ctx: RunContext) -> dict[str, tuple]:
         hit = self._hit
@@ -335,12 +372,13 @@ class Precomputed(Technique):
         else:
             bn = BNAdaptResult(skipped=json.loads(hit.entry["bn_skipped"])).as_dict()
         ctx.times.update({"bn_adapt": 0.0, "extract": 0.0})  # both loaded at setup (fixed costs)
+        self._entry_costs = dict(hit.costs)
         ctx.extra.setdefault(self.name, {}).update({
             "cache_hit": True, "bn_adaptation": bn,
             "cache": {"dir": str(cache.dir), "keys": dict(keys),
                       "paths": {s: str(cache.path(k)) for s, k in keys.items()},
                       "hits": {s: True for s in keys},
-                      "index": str(cache.index().path(hit.lookup))},
+                      "index": str(cache.index().path(hit.lookup)), **self._cost_facts()},
             "equivalence": json.loads(hit.entry["equivalence"])})
         return hit.feats
 
@@ -358,6 +396,9 @@ class Precomputed(Technique):
                 bn, bn_hit = self._adapt(ctx, cache, keys, device)
             with ctx.phase("extract"):
                 feats, hits = self._extract(ctx, cache, keys, device)
+        self._entry_costs["bn"] = (_entry_cost(0.0, None, True) if bn.get("skipped") is not None
+                                   else _entry_cost(bn.get("time_s") or 0.0, bn.get("built_by"),
+                                                    bn_hit))
         self._keys = keys
         ctx.extra.setdefault(self.name, {}).update({
             "cache_hit": bn_hit and all(hits.values()),
@@ -365,7 +406,7 @@ class Precomputed(Technique):
             "cache": {"dir": str(cache.dir), "keys": {"bn": keys.bn, **keys.splits},
                       "paths": {s: str(cache.path(k)) for s, k in
                                 {"bn": keys.bn, **keys.splits}.items()},
-                      "hits": {"bn": bn_hit, **hits}},
+                      "hits": {"bn": bn_hit, **hits}, **self._cost_facts()},
             "fixed_costs_s": {"cache_key": key_time, "lock_wait": wait},
         })
         return feats
@@ -381,9 +422,12 @@ class Precomputed(Technique):
             backbone.load_state_dict(stored["state"], strict=False)
             return {**json.loads(stored["record"]), "from_cache": True}, True
         start = time.perf_counter()
-        result = adapt_batchnorm(backbone, lambda: train_batches(ctx.datamodule, device),
+        progress = bool(ctx.cfg.trainer.enable_progress_bar)
+        result = adapt_batchnorm(backbone, lambda: train_batches(
+                                     ctx.datamodule, device, self.bn_shuffle_seed, progress),
                                  self.bn_threshold, self.bn_max_passes, self.bn_momentum)
-        record = {**result.as_dict(), "time_s": time.perf_counter() - start}
+        record = {**result.as_dict(), "time_s": time.perf_counter() - start,
+                  "built_by": str(ctx.run_dir)}
         if result.skipped is not None:
             log.info("BN adaptation skipped: %s", result.skipped)
         else:
@@ -401,12 +445,36 @@ class Precomputed(Technique):
             n = len(dm.labels[split])
             if stored is not None and tuple(stored["features"].shape) == (n, backbone.feature_dim):
                 feats[split], hits[split] = (stored["features"], stored["labels"]), True
+                self._entry_costs[split] = {**_stored_cost(stored.get("cost")), "hit": True}
                 continue
+            start = time.perf_counter()
             x, y = extract_features(backbone, dm, split, device,
                                     bool(ctx.cfg.trainer.enable_progress_bar))
-            cache.store(key, {"features": x, "labels": y})
+            seconds = time.perf_counter() - start
+            cost = {"extract_s": seconds, "built_by": str(ctx.run_dir)}
+            cache.store(key, {"features": x, "labels": y, "cost": json.dumps(cost)})
             feats[split], hits[split] = (x, y), False
+            self._entry_costs[split] = _entry_cost(seconds, ctx.run_dir, False)
         return feats, hits
+
+    def _cost_facts(self) -> dict[str, Any]:
+        """What building the cache entries this job used cost, and what it was spared (the
+        entries it loaded): ``summary.strategy.precomputed.cache``, which effbench-compare
+        charges (``effbench.compare.cost``)."""
+        phase = {"bn": "bn_adapt", **{s: "extract" for s in SPLITS}}
+        built_s = {"bn_adapt": 0.0, "extract": 0.0}
+        spared_s = {"bn_adapt": 0.0, "extract": 0.0}
+        for name, cost in self._entry_costs.items():
+            built_s[phase[name]] += cost["s"]
+            if cost["hit"]:
+                spared_s[phase[name]] += cost["s"]
+        # The BN entry's builder first: it built the features too unless one was rebuilt.
+        ordered = sorted(self._entry_costs.items(), key=lambda kv: kv[0] != "bn")
+        built_by = next((c["built_by"] for _, c in ordered if c.get("built_by")), None)
+        hit = all(c["hit"] for c in self._entry_costs.values())
+        kwh, co2 = build_energy(built_by, sum(built_s.values())) if hit else (None, None)
+        return {"hit": hit, "built_by": built_by, "built_s": built_s, "spared_s": spared_s,
+                "built_kwh": kwh, "built_co2_kg": co2}
 
     def head_training(self, cfg: DictConfig, recipe: Any, batch_size: int) -> HeadTraining:
         """How this job trains its head (also what the batched launcher gives each head)."""
@@ -458,8 +526,9 @@ class Precomputed(Technique):
         sys_.best_val, sys_.val_history = dict(result.best), result.history
         ctx.epochs = result.epochs
         ctx.record.images = result.images
-        ctx.extra.setdefault(self.name, {}).update({"train_images": result.images,
-                                                     "stopped_early": result.stopped_early})
+        ctx.extra.setdefault(self.name, {}).update({
+            "train_images": result.images, "train_vectors": len(feats["train"][1]),
+            "head_epochs": result.epochs, "stopped_early": result.stopped_early})
 
     def _test_count(self, ctx: RunContext, n: int) -> int:
         """Test samples that ``trainer.limit_test_batches`` lets through (Lightning's rule:

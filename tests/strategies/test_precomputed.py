@@ -126,6 +126,7 @@ def test_linear_head_and_no_ambiguity_weighting(tmp_path: Path) -> None:
     ("strategy.precomputed.bn_momentum=2", "strategy.precomputed.bn_momentum=2"),
     ("strategy.precomputed.bn_max_passes=0", "strategy.precomputed.bn_max_passes=0"),
     ("strategy.precomputed.eval_on=images", "strategy.precomputed.eval_on='images'"),
+    ("strategy.precomputed.bn_shuffle_seed=-1", "strategy.precomputed.bn_shuffle_seed=-1"),
 ])
 def test_bad_values_are_one_clear_sentence(tmp_path: Path, override: str, named: str) -> None:
     summary = run_job(tmp_path, ["strategy=precomputed", override])

@@ -96,7 +96,8 @@ def test_the_lookup_key_misses_whenever_the_content_would_change(
     assert base == _key(["optim.optimizer.lr=0.1", "strategy.precomputed.hidden=8",
                          "dataset.num_workers=2", "dataset.eval_batch_size=7"])  # head-level
     for change in (["dataset.image_size=24"], ["strategy.precomputed.bn_threshold=0.5"],
-                   ["strategy.precomputed.bn_adapt=false"], ["seed=1"], ["dataset.noise=0.5"],
+                   ["strategy.precomputed.bn_adapt=false"], ["seed=1"],
+                   ["strategy.precomputed.bn_shuffle_seed=1"], ["dataset.noise=0.5"],
                    ["backbone.normalize=false"], ["dataset.batch_size=16"]):
         assert _key(change) != base, change
     # Pretrained weights do not depend on the seed; random initialisation does.
