@@ -59,7 +59,8 @@ def test_failed_run_leaves_earlier_runs_untouched(tmp_path: Path) -> None:
     assert run_cli(TINY, cwd=tmp_path).returncode == 0
     [first] = list((tmp_path / "outputs").rglob("summary.json"))
     before = first.read_bytes()
-    assert run_cli([*TINY, "optim.optimizer.lr=-1"], cwd=tmp_path).returncode != 0
+    # A value the job checks (a schema value is refused before any folder exists)
+    assert run_cli([*TINY, "trainer.precision=bogus"], cwd=tmp_path).returncode != 0
     assert first.read_bytes() == before
     statuses = sorted(s["status"] for s in summaries(tmp_path))
     assert statuses == ["completed", "failed"]

@@ -27,6 +27,9 @@ OPTIONS = {
     "qat": ["strategy.qat.latency_min_time=0.05", "strategy.qat.latency_batch=4"],
     "freeze": ["strategy.freeze.frozen_stages=2"],
 }
+# freeze leaves only the head of small_cnn training, and prune prunes only what trains.
+PAIR_OPTIONS = {frozenset({"freeze", "prune"}): ["strategy.prune.scope=all",
+                                                  "strategy.prune.include_head=true"]}
 # Stacks refused before anything runs, and the reason they give.
 REFUSED = {frozenset({"precomputed", other}): "cannot run together"
            for other in ("freeze", "dynamic", "prune", "qat")}
@@ -82,7 +85,8 @@ def test_every_technique_has_a_contract() -> None:
 
 @pytest.mark.parametrize("stack", STACKS, ids=["+".join(s) for s in STACKS])
 def test_technique_stack(stack: tuple[str, ...], tmp_path: Path) -> None:
-    options = [o for t in stack for o in OPTIONS.get(t, [])]
+    options = [*(o for t in stack for o in OPTIONS.get(t, [])),
+               *PAIR_OPTIONS.get(frozenset(stack), [])]
     summary = run_overrides([*TINY, f"strategy=[{','.join(stack)}]", *options], tmp_path / "run")
     refused = REFUSED.get(frozenset(stack))
     if refused:

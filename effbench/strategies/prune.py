@@ -434,8 +434,8 @@ class Prune(Technique):
             raise EffbenchError(f"strategy.prune.scope={self.scope} finds no trainable layer to "
                                 f"prune: all {len(scope)} are frozen (strategy.freeze), and a "
                                 "frozen layer's zeros could never be made up for; freeze fewer "
-                                "blocks with strategy.freeze.frozen_stages=k, or set "
-                                "strategy.prune.include_head=true.")
+                                "blocks with strategy.freeze.frozen_stages=k, or prune the head "
+                                "with strategy.prune.scope=all strategy.prune.include_head=true.")
         targets = self.targets(layers, getattr(ctx.system.backbone, "name", ""))
         if not targets:
             raise EffbenchError(f"strategy.prune.scope={self.scope} finds no layer to prune in "
