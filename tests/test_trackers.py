@@ -131,29 +131,38 @@ def test_mlflow_server_serves_what_effbench_logged(tmp_path: Path, mlflow_server
     assert [f["path"] for f in artifacts.get("files", [])] == ["effbench-summary.json"]
 
 
-def test_trackers_get_the_techniques_facts(tmp_path: Path) -> None:
-    """A technique's own facts (prune's sparsity) reach the tracker as ``final/strategy/…``; its
-    settings go as parameters, not metrics."""
+def test_trackers_get_the_techniques_facts_and_late_steps_show_progress(tmp_path: Path) -> None:
+    """[prune,qat]: each technique's own facts (sparsity, int8 sizes, latency) reach the tracker
+    as ``final/strategy/<name>/…`` and its settings go as parameters, not metrics; the steps after
+    training (int8 conversion, int8 evaluation, latency timing) show progress bars as training
+    does (trainer.enable_progress_bar)."""
+    import yaml
     from mlflow.tracking import MlflowClient
 
-    res = run_cli([*TINY, "strategy=prune", "strategy.prune.final_sparsity=0.5",
+    res = run_cli([*TINY, "trainer.max_epochs=1", "strategy=[prune,qat]",
                    "strategy.prune.start=0", "strategy.prune.end=1",
-                   "logger=mlflow", "tracking.energy=false"], cwd=tmp_path)
+                   "strategy.qat.finetune_epochs=1", "strategy.qat.latency_min_time=0.2",
+                   "logger=mlflow", "tracking.energy=false", "trainer.enable_progress_bar=true"],
+                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    for label in ("int8 conversion", "int8 evaluation", "latency fp32", "latency int8"):
+        assert label in res.stderr, label
     [summary_path] = (tmp_path / "outputs").rglob("summary.json")
-    facts = json.loads(summary_path.read_text())["strategy"]["prune"]
+    summary = json.loads(summary_path.read_text())
+    config = yaml.safe_load((summary_path.parent / "resolved_config.yaml").read_text())
     client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("effbench").experiment_id])
     metrics, params = run.data.metrics, run.data.params
-    import yaml
-
-    settings = yaml.safe_load((summary_path.parent / "resolved_config.yaml").read_text())
-    settings = set(settings["strategy"]["prune"])
-    own = {k for k, v in facts.items() if isinstance(v, (int, float)) and k not in settings}
-    assert own and {f"final/strategy/prune/{k}" for k in own} <= set(metrics)
-    prune_keys = [k.split("/")[3] for k in metrics if k.startswith("final/strategy/prune/")]
-    assert not settings & set(prune_keys)  # its settings are parameters
-    assert params["strategy.prune.final_sparsity"] == "0.5"
+    for name in ("prune", "qat"):
+        settings = set(config["strategy"][name])
+        own = {k for k, v in summary["strategy"][name].items()
+               if isinstance(v, (int, float)) and k not in settings}
+        assert {f"final/strategy/{name}/{k}" for k in own} <= set(metrics)
+        keys = {k.split("/")[3] for k in metrics if k.startswith(f"final/strategy/{name}/")}
+        assert keys and not settings & keys  # its settings are parameters
+    assert metrics["final/strategy/qat/latency_ms/int8"] == pytest.approx(
+        summary["strategy"]["qat"]["latency_ms"]["int8"])
+    assert params["strategy.prune.final_sparsity"] == "0.5" and params["strategy"] == "prune+qat"
 
 
 # -- Optuna sweeps ---------------------------------------------------------------------------

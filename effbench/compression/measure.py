@@ -42,19 +42,27 @@ def module_bytes(module: nn.Module) -> dict[str, int]:
 
 
 def cpu_latency_ms(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                   min_run_time: float = 1.0, warmup: int = 3, min_calls: int = 5) -> float:
-    """Median wall time of one ``fn(x)`` call in ms under ``no_grad``.
+                   min_run_time: float = 1.0, warmup: int = 3, min_calls: int = 5,
+                   progress: str | None = None) -> float:
+    """Median wall time of one ``fn(x)`` call in ms under ``no_grad``; ``progress``: the label of
+    a progress bar over the measuring time (none if None).
 
     Hand-written rather than ``torch.utils.benchmark.Timer``: the median of single calls shrugs off
     the other processes of a shared machine, where Timer's block means absorbed their bursts.
     """
+    from tqdm.auto import tqdm
+
     times: list[float] = []
-    with torch.no_grad():
+    bar = tqdm(total=round(float(min_run_time), 2), desc=progress, disable=progress is None,
+               leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s")
+    with torch.no_grad(), bar:
         for _ in range(warmup):  # first-call allocations, oneDNN primitive creation
             fn(x)
-        deadline = time.perf_counter() + min_run_time
+        begin = time.perf_counter()
+        deadline = begin + min_run_time
         while len(times) < min_calls or time.perf_counter() < deadline:
             start = time.perf_counter()
             fn(x)
             times.append(time.perf_counter() - start)
+            bar.update(min(time.perf_counter() - begin, bar.total) - bar.n)
     return statistics.median(times) * 1e3

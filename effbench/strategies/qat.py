@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
+from tqdm.auto import tqdm
 
 from effbench.compression import cpu_latency_ms, module_bytes
 from effbench.compression.int8 import lower_x86, padded_forward
@@ -215,17 +216,23 @@ class Qat(Technique):
         assert self._float is not None, "configure_model runs first"
         system = ctx.system.cpu().eval()
         x = _example(ctx, self.latency_batch)
-        with ctx.phase("convert"):
+        progress = _progress(ctx)
+        with ctx.phase("convert"), tqdm(total=2, desc="int8 conversion", disable=not progress,
+                                        leave=False) as bar:
             converted = convert_int8(system.backbone)
+            bar.update()
             lowered = lower_x86(converted, x)
+            bar.update()
         out: dict[str, Any] = {}
         if self.int8_eval:
             with ctx.phase("int8_eval"):
                 out.update(self.evaluate(ctx, system.backbone, lowered))
         self._converted, self._int8_metrics = converted, dict(out.get("int8_metrics", {}))
         with ctx.phase("latency"):
-            fp32_ms = cpu_latency_ms(self._float, x, self.latency_min_time)
-            int8_ms = cpu_latency_ms(lowered, x, self.latency_min_time)
+            fp32_ms = cpu_latency_ms(self._float, x, self.latency_min_time,
+                                     progress="latency fp32" if progress else None)
+            int8_ms = cpu_latency_ms(lowered, x, self.latency_min_time,
+                                     progress="latency int8" if progress else None)
         fp32_bytes, int8_bytes = state_dict_bytes(self._float), state_dict_bytes(converted)
         q_fp32 = quantized_weight_bytes(self._float, self.qat_scope)
         q_int8 = module_bytes(converted).get("int8", 0)
@@ -256,7 +263,9 @@ class Qat(Technique):
         metrics = build_metrics(dm.task, dm.num_classes)
         fq_all, q_all = [], []
         with torch.no_grad():
-            for images, y in dm.loader("test"):
+            loader = dm.loader("test")
+            for images, y in tqdm(loader, desc="int8 evaluation", disable=not _progress(ctx),
+                                  leave=False):
                 xb = dm.normalize(images)
                 fq, q = fake_quant(xb), padded_forward(lowered, xb, self.latency_batch)
                 metrics.update(q.float(), y.long() if dm.task == "multilabel" else y)
@@ -281,6 +290,13 @@ class KeepZeros(Callback):
         with torch.no_grad():
             for weight, zero in self.zeros:
                 weight.masked_fill_(zero.to(weight.device), 0.0)
+
+
+def _progress(ctx: RunContext) -> bool:
+    """Bars for the steps after training, as Lightning has for training
+    (trainer.enable_progress_bar)."""
+    shown = ctx.cfg.trainer.get("enable_progress_bar")
+    return shown is None or bool(shown)  # None: Lightning's default, a bar
 
 
 def _fp16_bytes(model: nn.Module) -> int:
