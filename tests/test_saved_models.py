@@ -62,6 +62,7 @@ def test_precomputed_model_reloads_and_reproduces_its_test_metrics(tmp_path: Pat
     recorded = summary["metrics"]
     assert got["metrics"]["test/acc"] == pytest.approx(recorded["test/acc"], abs=1e-6)
     assert got["metrics"] == pytest.approx({k: recorded[k] for k in got["metrics"]}, abs=1e-4)
+    assert got["predictions"]["max_abs_prob_diff"] < 1e-4  # the run's predictions.npz
     hit = run_job(tmp_path / "b", PRE)
     assert hit["strategy"]["precomputed"]["fast_path"]["used"]
     files = [json.loads((Path(saved(s)["path"]) / "manifest.json").read_text())["files"]
@@ -108,9 +109,13 @@ def test_int8_model_reloads_and_reproduces_the_int8_metrics_exactly(tmp_path: Pa
                                  "strategy.qat.latency_min_time=0.05", *HARD])
     info = saved(summary)
     assert info["kind"] == "int8_graph"
+    assert info["sparse"] is False  # unpruned: a few mostly-zero int8 tensors are not sparsity
     recorded = summary["strategy"]["qat"]["int8_metrics"]
     got = eval_json(tmp_path / "run")
     assert got["metrics"] == recorded  # the same int8 kernels on the same batches: exact
+    # ... and the same probabilities as the int8 model's in the run's predictions.npz
+    assert got["predictions"]["array"] == "int8_probs" and got["predictions"]["rows"] == 48
+    assert got["predictions"]["max_abs_prob_diff"] < 1e-4
     # int8 weights: the conv weights take a quarter of their fp32 bytes in the file
     model = load(tmp_path / "run")
     assert info["bytes"] < summary["model"]["size_bytes_fp32"]
