@@ -38,8 +38,9 @@ def parser() -> argparse.ArgumentParser:
 def table(result: dict[str, Any], manifest: dict[str, Any], where: str) -> str:
     from effbench.received import printable  # strings from the manifest: no terminal escapes
 
-    lines = [printable(f"effbench-eval: {where} ({manifest['kind']}, made by "
-                       f"{manifest.get('produced_by')} in strategy="
+    made = manifest.get("produced_by")  # "default": no technique chose another form
+    made = "backbone + head as trained" if made == "default" else f"the form {made} keeps"
+    lines = [printable(f"effbench-eval: {where} ({manifest['kind']}: {made}, strategy="
                        f"{','.join(manifest.get('techniques', []))}), {result['images']} test "
                        f"images of {result['dataset']}"),
              f"  {'metric':<24}{'now':>10}{'run':>10}{'diff':>11}"]

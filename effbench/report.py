@@ -57,6 +57,6 @@ def _saved_line(saved: dict[str, Any]) -> str:
     """Where the kept model is and how to evaluate it (or why there is none)."""
     if saved.get("error"):
         return f"  model NOT saved: {saved['error']}"
-    form = saved.get("kind", "?") + (", sparse" if saved.get("sparse") else "")
+    form = saved.get("kind", "?") + (", sparse: pruned" if saved.get("sparse") else "")
     return (f"  model: {saved['path']} ({form}, {saved.get('bytes', 0) / 2**20:.2f} MB)   "
             f"evaluate: effbench-eval {Path(saved['path']).parent}")

@@ -236,6 +236,16 @@ def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
+def _preprocessing_record(pre: Any, weights: Any) -> dict[str, Any]:
+    """The test step's preprocessing; for a randomly initialised model its ``source`` says that
+    only the numbers come from the named weights (the model never had those weights)."""
+    out = dataclasses.asdict(pre)
+    if weights is None or str(weights).strip().lower() in ("", "null", "none"):
+        out["source"] = (f"the sizes and mean/std of {pre.source}; the model's weights are a "
+                         "random initialisation (backbone.weights=null)")
+    return out
+
+
 def save(ctx: RunContext, model: SavedModel, produced_by: str) -> dict[str, Any]:
     """Writes ``<run>/model/`` (each file atomically, the manifest last: a manifest on disk
     always lists complete files) and returns what ``summary.model.saved`` records."""
@@ -253,7 +263,7 @@ def save(ctx: RunContext, model: SavedModel, produced_by: str) -> dict[str, Any]
         "backbone": OmegaConf.to_container(ctx.cfg.backbone, resolve=True),
         "image_size": ctx.cfg.dataset.get("image_size"),
         "num_classes": dm.num_classes, "task": dm.task, "class_names": list(dm.class_names),
-        "preprocessing": dataclasses.asdict(dm.preprocessing),
+        "preprocessing": _preprocessing_record(dm.preprocessing, ctx.cfg.backbone.get("weights")),
         "head": model.info.get("head"),
         "metric_prefix": model.metric_prefix, "metrics": model.metrics,
         "dataset": ctx.cfg.dataset.get("name"), "seed": ctx.cfg.get("seed"),
@@ -267,7 +277,11 @@ def save(ctx: RunContext, model: SavedModel, produced_by: str) -> dict[str, Any]
     text = json.dumps(manifest, indent=1).encode()
     write_bytes_atomic(model_dir / MANIFEST, text)
     return {"path": str(model_dir), "format": f"{FORMAT}/{VERSION}", "kind": model.kind,
-            "produced_by": produced_by, "sparse": bool(model.info.get("sparse")),
+            "produced_by": produced_by,
+            # Sparse = pruned: an unpruned int8 model also stores a few mostly-zero tensors by
+            # their nonzeros (counted apart), which does not make the model sparse.
+            "sparse": bool(model.info.get("sparse")) and "prune" in manifest["techniques"],
+            "tensors_stored_sparse": len(model.info.get("sparse") or {}),
             "bytes": len(text) + sum(len(d) for d in files.values())}
 
 

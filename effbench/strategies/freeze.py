@@ -75,6 +75,15 @@ def frozen_stage_count(backbone: Backbone, frozen_stages: int | str) -> int:
     return 0 if frozen_stages == 0 else frozen_stages + 1
 
 
+def _frozen_text(frozen: int | None, total: int | None) -> str:
+    """``frozen_stages`` as the user set it: blocks after the stem (the stem goes with them)."""
+    if frozen is None or total is None:
+        return "frozen n/a"
+    if frozen == 0:
+        return f"frozen 0/{total - 1} blocks"
+    return f"frozen stem + {frozen - 1}/{total - 1} blocks"
+
+
 def initial_frozen_layers(backbone: Backbone, frozen_stages: int | str,
                           unfreeze_last_layers: int) -> list[nn.Module]:
     """Layers of the first stages, minus the last ``unfreeze_last_layers`` of the backbone."""
@@ -349,7 +358,7 @@ class Freeze(Technique):
         s, m = self.facts(summary), summary["model"]
         return (f"trainable params {s.get('params_trainable_start'):,} at start, "
                 f"{m.get('params_trainable'):,} at the end of {m.get('params_total'):,}   "
-                f"frozen stages {s.get('stages_frozen')}/{s.get('stages_total')}   "
+                f"{_frozen_text(s.get('stages_frozen'), s.get('stages_total'))}   "
                 f"unfreeze events {len(s.get('unfreeze_events') or [])}")
 
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
