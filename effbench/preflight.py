@@ -127,8 +127,12 @@ def _compose_problem(overrides: list[str], conf_dir: str, checks: bool,
             cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
         if not checks:
             return None
-        check_light(cfg, overrides)
         run_dir = str(cfg.hydra.run.dir if run_dir_key == "run" else cfg.hydra.sweep.dir)
+        # Where the records go is said first: a completed run's folder is refused whatever else
+        problem = _run_dir_problem(run_dir, run_dir_key)
+        if problem:
+            return problem
+        check_light(cfg, overrides)
     except MissingConfigException as err:
         return _missing_option(err, overrides)
     except OverrideParseException as err:
@@ -137,6 +141,10 @@ def _compose_problem(overrides: list[str], conf_dir: str, checks: bool,
         return str(err)
     except (HydraException, OmegaConfBaseException) as err:
         return _composition(err)
+    return None
+
+
+def _run_dir_problem(run_dir: str, run_dir_key: str) -> str | None:
     problem = check_run_dir(run_dir)
     if not problem:  # a folder effbench never writes into: refused before Hydra creates it
         from effbench.rundir import refused_run_dir, reused_sweep_dir

@@ -135,7 +135,7 @@ def test_completed_run_dir_is_never_overwritten(tmp_path: Path) -> None:
     [s] = summaries(tmp_path)
     run_dir = Path(s["run_dir"])
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    res = run_cli([*TINY, "optim.optimizer.lr=-1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    res = run_cli([*TINY, "trainer.precision=bogus", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert res.returncode != 0 and "already holds a completed run" in res.stderr
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()
              and p.name != "cli.log"}  # Hydra's own log only ever appends
@@ -216,12 +216,14 @@ def test_env_energy_mode_and_headline_are_recorded(tmp_path: Path) -> None:
 # -- 11. a sweep with failed jobs -------------------------------------------------------------
 
 def test_sweep_with_a_failed_job_exits_nonzero_after_all_jobs(tmp_path: Path) -> None:
-    res = run_cli(["-m", *TINY, "optim.optimizer.lr=-1,1e-3"], cwd=tmp_path)
+    # A value the job checks (Lightning's precisions); a schema value (optim.optimizer.lr=-1)
+    # stops the sweep before any job starts (tests/test_bad_input.py).
+    res = run_cli(["-m", *TINY, "trainer.precision=bogus,32-true"], cwd=tmp_path)
     assert res.returncode != 0
     runs = summaries(tmp_path / "outputs")
     assert sorted(s["status"] for s in runs) == ["completed", "failed"]
     [line] = [ln for ln in res.stderr.splitlines() if ln.startswith("effbench: failed job")]
-    assert "optim.optimizer.lr=-1" in line
+    assert "trainer.precision='bogus'" in line
 
 
 def test_dynamic_preset_uses_the_study_protocol(tmp_path: Path) -> None:
