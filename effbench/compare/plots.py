@@ -15,7 +15,15 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from effbench.compare.curves import Curve, config_curve, val_column  # noqa: E402
-from effbench.compare.group import CO2, PARAMS, TIME, Comparison, label  # noqa: E402
+from effbench.compare.group import (  # noqa: E402
+    CO2,
+    ESTIMATED,
+    PARAMS,
+    SIZE,
+    TIME,
+    Comparison,
+    label,
+)
 from effbench.compare.output import write_atomic  # noqa: E402
 from effbench.compare.table import sort_table  # noqa: E402
 
@@ -96,6 +104,72 @@ def params_time_metric(comp: Comparison, path: Path) -> Path | str:
     ax.set(xlabel="training time (s)", ylabel=comp.metric,
            title="metric vs training time vs trainable parameters")
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+# Pareto plots: x column, axis label, scale to the axis unit.
+PARETO = {"time": (TIME, "training time (s)", 1.0), "co2": (CO2, "CO₂ (g)", 1000.0),
+          "size": (SIZE, "effective model size (MB)", 1e-6)}
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray, higher_better: bool = True) -> np.ndarray:
+    """Indices of the points no other point beats on both cost (x, lower) and metric (y), in
+    order of cost."""
+    order = np.lexsort((-y if higher_better else y, x))
+    front, best = [], -np.inf
+    for i in order:
+        value = y[i] if higher_better else -y[i]
+        if value > best:
+            front.append(i)
+            best = value
+    return np.array(front, dtype=int)
+
+
+def pareto(comp: Comparison, what: str, path: Path) -> Path | str:
+    """The headline metric (with its 95 % interval) against a cost: one colour per technique,
+    the baseline as a star, the Pareto front as a dashed step line."""
+    column, xlabel, scale = PARETO[what]
+    rows = _rows(comp)
+    if column not in rows or rows[column].isna().all():
+        return ("no run measured energy (they ran with tracking.energy=false)" if what == "co2"
+                else f"no run recorded {column}")
+    rows = rows.dropna(subset=[column, comp.metric])
+    x, y = rows[column].to_numpy(float) * scale, rows[comp.metric].to_numpy(float)
+    lo = rows["m_lo"].to_numpy(float) if "m_lo" in rows else np.full(len(rows), np.nan)
+    hi = rows["m_hi"].to_numpy(float) if "m_hi" in rows else np.full(len(rows), np.nan)
+    std = rows[f"{comp.metric}_std"].fillna(0).to_numpy(float)
+    # The interval where the predictions give one, else ± the std over seeds.
+    yerr = np.where(np.isnan(lo), [std, std], [np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)])
+    technique = rows["strategy"] if "strategy" in rows else pd.Series(
+        [label(r, comp.keys) for _, r in rows.iterrows()], index=rows.index)
+    names = list(dict.fromkeys(technique))
+    colors = dict(zip(names, _colors(len(names))))
+    estimated = rows[ESTIMATED].eq(True).to_numpy() if (what == "co2" and ESTIMATED in rows) \
+        else np.zeros(len(rows), dtype=bool)
+    base = rows["baseline"].eq(True).to_numpy() if "baseline" in rows \
+        else np.zeros(len(rows), dtype=bool)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    higher = "loss" not in comp.metric
+    front = pareto_front(x, y, higher)
+    ax.step(x[front], y[front], where="post", color="grey", ls="--", lw=1, label="Pareto front")
+    for k, (i, tech) in enumerate(zip(range(len(rows)), technique)):
+        color = colors[tech]
+        first = tech not in [technique.iloc[j] for j in range(k)]
+        ax.errorbar(x[i], y[i], yerr=yerr[:, i:i + 1], fmt="*" if base[i] else "o",
+                    ms=14 if base[i] else 7, capsize=4, color=color,
+                    mfc="none" if estimated[i] else color, mec="black" if base[i] else color,
+                    label=tech if first else None)
+        ax.annotate(("baseline: " if base[i] else "") + label(rows.iloc[i], comp.keys),
+                    (x[i], y[i]), textcoords="offset points", xytext=(6, 6), fontsize=7)
+    if estimated.any():
+        xlabel += " (hollow: estimated from TDP)"
+    if what != "time" and (x > 0).all() and x.max() / max(x.min(), 1e-12) >= 10:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=f"{comp.metric} (95 % interval)",
+           title=f"{comp.metric} vs {xlabel.split(' (')[0]}: Pareto front")
+    ax.margins(0.12)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -198,6 +272,7 @@ def write_plots(comp: Comparison, out: Path, best_so_far: bool = False
         "co2": lambda p: co2(comp, p),
         "learning_curves": lambda p: learning_curves(comp, p, best_so_far),
         "train_val_gap": lambda p: train_val_gap(comp, p),
+        **{f"pareto_{what}": lambda p, w=what: pareto(comp, w, p) for what in PARETO},
     }
     for key in numeric_keys(comp):
         jobs[f"metric_vs_{key.replace('/', '_')}"] = lambda p, k=key: metric_vs_param(comp, k, p)

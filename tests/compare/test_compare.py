@@ -114,12 +114,14 @@ def test_real_sweep_table_matches_summaries(tmp_path: Path) -> None:
     md = (out / "compare.md").read_text()
     assert "baseline" in md and other_cfg in md and "| n" in md
     assert len(pd.read_csv(out / "runs.csv")) == 4
-    pngs = ["metric_vs_time", "params_time_metric", "learning_curves", "train_val_gap"]
+    pngs = ["metric_vs_time", "params_time_metric", "learning_curves", "train_val_gap",
+            "pareto_time", "pareto_size"]
     if not SECOND:
         pngs.append("metric_vs_optim.optimizer.lr")
     for name in pngs:
         assert_png(out / f"{name}.png")
     assert "co2.png skipped" in res.stdout  # energy off: said, not drawn empty
+    assert "pareto_co2.png skipped" in res.stdout
 
 
 @pytest.mark.slow
@@ -374,3 +376,12 @@ def test_seeds_counted_honestly(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert "2 (+1 repeat)" in text and "2 runs of seed 0 are repeats" in text
     assert "freeze: seeds 0, 1 gave identical predictions" in text
     assert table.loc["freeze", "n_seeds"] == 1 and table.loc["freeze", "n_seeds_baseline"] == 1
+
+
+def test_pareto_front_keeps_the_points_nothing_beats() -> None:
+    from effbench.compare.plots import pareto_front
+
+    cost = np.array([1.0, 2.0, 3.0, 4.0, 2.5])
+    acc = np.array([0.70, 0.80, 0.78, 0.90, 0.80])  # 3.0 and 2.5 are beaten by 2.0
+    assert pareto_front(cost, acc).tolist() == [0, 1, 3]
+    assert pareto_front(cost, -acc, higher_better=False).tolist() == [0, 1, 3]
