@@ -94,3 +94,30 @@ def test_adaptation_does_not_depend_on_file_order(tmp_path: Path) -> None:
     # Measured: 3.1 std apart in file order (each ended as its last class), 0.08 shuffled.
     assert mean_err < 0.15 and var_err < 0.3, (mean_err, var_err)
 
+
+
+def test_the_replayed_passes_are_real_passes_over_the_shuffled_order(tmp_path: Path) -> None:
+    """The run replays its passes from one recorded forward pass; real passes over the same
+    shuffled batches give the same statistics (so the replay replays the shuffled order)."""
+    from hydra.utils import instantiate
+
+    from effbench.features import bn_adapt
+    from effbench.features.extract import train_batches
+
+    root = _write(tmp_path / "sorted", "a_dark", "b_bright")
+    adapted = _adapted(tmp_path / "run", root, [])
+    cfg = compose_cfg([*BN, f"dataset.root={root}"])
+    model = build_backbone_as_run_does(cfg)
+    dm = instantiate(cfg.dataset, _convert_="all")
+    dm.configure(model.preprocessing)
+    layers = bn_adapt.batchnorm_layers(model)
+    model.eval()
+    for m in layers:
+        m.train()
+    with torch.no_grad():
+        result = bn_adapt._real_passes(model, layers, lambda: train_batches(
+            dm, torch.device("cpu"), int(cfg.strategy.precomputed.bn_shuffle_seed)), 0.01, 10, 0.1)
+    assert result.forward_passes == result.passes > 1
+    real = model.state_dict()
+    for key in (k for k in real if "running" in k):
+        assert torch.allclose(adapted[key], real[key], rtol=1e-4, atol=1e-5), key
