@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import run_cli
+from tests.conftest import assert_predictions, run_cli
 
 QUICK = ["trainer.enable_progress_bar=false", "tracking.energy=false"]
 TINY = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",
@@ -44,12 +44,15 @@ def test_help_and_cfg(tmp_path: Path) -> None:
 
 
 def test_ddp_two_processes_one_summary(tmp_path: Path) -> None:
-    res = run_cli(["hardware=cpu", "trainer.devices=2", "trainer.strategy=ddp", *TINY],
-                  cwd=tmp_path)
+    # 33 test images: the distributed sampler pads rank 1's share; the predictions are still the
+    # split's 33 rows in its order (the labels are checked against it when they are written).
+    res = run_cli(["hardware=cpu", "trainer.devices=2", "trainer.strategy=ddp", *TINY,
+                   "dataset.num_test=33"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     [summary] = summaries(tmp_path)
     assert summary["status"] == "completed"
     assert summary["hardware"]["world_size"] == 2
+    assert_predictions(Path(summary["run_dir"]), summary)
 
 
 # Bad input through the CLI: tests/test_bad_input.py (every case, one place).
