@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@# an older .venv's hydra-optuna-sweeper (optuna<3) would clash with hydra_plugins/effbench_optuna_sweeper
+	@$(BIN)/python -m pip uninstall --quiet --yes hydra-optuna-sweeper >/dev/null 2>&1 || true
 	@touch $(STAMP)
 
 setup: $(STAMP)
