@@ -144,10 +144,13 @@ def interval_lines(comp: Comparison) -> list[str]:
              "superior (interval above 0), non-inferior (above −margin), inferior (below "
              "−margin), inconclusive (across −margin); p: McNemar exact for one model per "
              "side, else bootstrap"]
+    whys = {label(r, comp.keys): r["no_interval"] for _, r in table.iterrows()
+            if r.get("no_interval")}
+    if len(whys) > 1 and len(set(whys.values())) == 1:  # e.g. a metric without predictions
+        lines.append(f"no interval for any row: {next(iter(whys.values()))}")
+    else:
+        lines += [f"{name}: no interval: {why}" for name, why in whys.items()]
     for _, r in table.iterrows():
-        name = label(r, comp.keys)
-        if r.get("no_interval"):
-            lines.append(f"{name}: no interval: {r['no_interval']}")
         for note in str(r.get("seed_notes") or "").split("; "):
             if note and note not in lines:
                 lines.append(note)
