@@ -56,7 +56,7 @@ def distribution_of(override: Override) -> BaseDistribution | str:
     """``choice(a, b)`` → categorical; ``range(start, stop, step)`` → a stepped int/float
     distribution over the values Hydra's range yields (stop excluded, as in Hydra);
     ``interval(lo, hi)`` → uniform, ``tag(log, interval(lo, hi))`` → log-uniform (over ints with
-    Hydra's cast: ``int(interval(1, 64))``). A plain value is a fixed parameter (returned as its string)."""
+    Hydra's cast: ``int(interval(1, 64))``). A plain value is a fixed parameter (its string)."""
     if not override.is_sweep_override():
         return override.get_value_element_as_str()
     value = override.value()
