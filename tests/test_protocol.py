@@ -63,3 +63,37 @@ def test_energy_per_phase_and_compare_co2_of_the_train_phases(tmp_path: Path) ->
     assert table.loc["qat", "energy.co2_kg"] == pytest.approx(energy["co2_kg"])
     assert table.loc["qat", "d_co2_pct"] == pytest.approx(
         (train_co2["qat"] / train_co2["finetune"] - 1) * 100)
+
+
+# -- dataset.resize: the whole image (Keras, studies 003/004) or torchvision's centre crop ------
+def test_whole_resize_keeps_the_whole_image_crop_cuts_the_sides() -> None:
+    import torch
+
+    from effbench.backbones.base import Preprocessing
+    from effbench.data.base import resize_crop
+
+    # A 460×700 slide (BreakHis' shape) whose left and right 100 columns are marked.
+    image = torch.full((1, 3, 460, 700), 128, dtype=torch.uint8)
+    image[..., :100], image[..., -100:] = 0, 255
+    pre = Preprocessing(crop_size=224, resize_size=256)
+    crop = resize_crop(image, pre)[0]
+    whole = resize_crop(image, pre.with_resize("whole"))[0]
+    assert crop.shape == whole.shape == (3, 224, 224)
+    # crop: short side to 256 → 389 px wide, centre 224 kept: the marked sides are gone.
+    assert crop.min() > 100 and crop.max() < 200
+    # whole: every column kept, squashed 700 → 224 (the sides become 32 px each).
+    assert (whole[:, :, :28] < 10).all() and (whole[:, :, -28:] > 245).all()
+    assert (whole[:, :, 40:184] == 128).all()
+
+
+def test_resize_option_is_recorded_or_refused(tmp_path: Path) -> None:
+    bad = run_cli([*TINY_MULTILABEL, "dataset.resize=squash"], cwd=tmp_path / "bad")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "dataset.resize='squash'" in bad.stderr and "use crop" in bad.stderr
+    res = run_cli([*TINY_MULTILABEL, "trainer.max_epochs=1", "dataset.resize=whole"],
+                  cwd=tmp_path / "good")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = one_summary(tmp_path / "good" / "outputs")
+    assert summary["data"]["preprocessing"]["resize"] == "whole"
+    assert json.loads((tmp_path / "good" / "outputs").glob("*/model/manifest.json").__next__()
+                      .read_text())["preprocessing"]["resize"] == "whole"

@@ -35,6 +35,13 @@ class Preprocessing:
     normalize: bool = True
     expected_mean: tuple[float, float, float] | None = None
     expected_std: tuple[float, float, float] | None = None
+    # crop: short side to resize_size, centre crop (torchvision's evaluation transform); whole:
+    # the whole image resized to crop_size × crop_size, aspect squashed (Keras' image_size).
+    resize: str = "crop"
+
+    def with_resize(self, resize: str) -> Preprocessing:
+        """``dataset.resize``: how an image becomes the network's square input."""
+        return dataclasses.replace(self, resize=str(resize))
 
     def with_size(self, image_size: int | None) -> Preprocessing:
         """``dataset.image_size`` overrides the size: resize straight to it, no crop margin."""
@@ -51,8 +58,10 @@ class Preprocessing:
 
     def as_dict(self) -> dict:
         """What changes the pixels the network sees (part of cache keys; keep it minimal)."""
-        return {"crop_size": self.crop_size, "resize_size": self.resize_size,
-                "mean": list(self.mean), "std": list(self.std)}
+        out = {"crop_size": self.crop_size, "resize_size": self.resize_size,
+               "mean": list(self.mean), "std": list(self.std)}
+        # Only when it is not the default: caches built before the option keep their keys.
+        return {**out, "resize": self.resize} if self.resize != "crop" else out
 
     def describe(self) -> dict[str, Any]:
         """The normalisation actually applied, for ``summary.json``: applied mean/std, input
@@ -60,7 +69,7 @@ class Preprocessing:
         normalisation is on (off: the weights' own mean/std are listed as ``expected_*``)."""
         out: dict[str, Any] = {
             "normalize": self.normalize, "mean": list(self.mean), "std": list(self.std),
-            "size": self.crop_size, "resize_size": self.resize_size,
+            "size": self.crop_size, "resize_size": self.resize_size, "resize": self.resize,
             "interpolation": self.interpolation, "source": self.source,
         }
         if not self.normalize:

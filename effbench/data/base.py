@@ -49,14 +49,21 @@ class TensorImages(Dataset):
         return self.images[index], self.labels[index]
 
 
+RESIZE_MODES = ("crop", "whole")
+
+
 def resize_crop(images: torch.Tensor, pre: Preprocessing, chunk: int = 1024) -> torch.Tensor:
-    """Resize the short side to ``pre.resize_size``, centre-crop ``pre.crop_size`` (uint8)."""
+    """Resize the short side to ``pre.resize_size``, centre-crop ``pre.crop_size`` (uint8); with
+    ``pre.resize == "whole"`` the whole image to ``crop_size`` × ``crop_size`` (aspect squashed)."""
     out = []
     for start in range(0, len(images), chunk):
         x = images[start:start + chunk]
         if x.shape[-2:] != (pre.crop_size, pre.crop_size):
-            x = TF.resize(x, [pre.resize_size], antialias=True)
-            x = TF.center_crop(x, [pre.crop_size, pre.crop_size])
+            if pre.resize == "whole":
+                x = TF.resize(x, [pre.crop_size, pre.crop_size], antialias=True)
+            else:
+                x = TF.resize(x, [pre.resize_size], antialias=True)
+                x = TF.center_crop(x, [pre.crop_size, pre.crop_size])
         out.append(x.contiguous())
     return torch.cat(out) if out else images
 
@@ -142,8 +149,14 @@ class ImageDataModule(pl.LightningDataModule):
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
                  pin_memory: bool = False, val_ratio: float = 0.15, test_ratio: float = 0.15,
                  split_seed: int = 0, augment_flip: bool = False, max_samples: int | None = None,
-                 memory_budget_gb: float = 4.0, augment_crop_pad: int = 0) -> None:
+                 memory_budget_gb: float = 4.0, augment_crop_pad: int = 0,
+                 resize: str = "crop") -> None:
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise EffbenchError(f"invalid value dataset.resize={resize!r}: use crop (short side "
+                                "resized, centre crop: torchvision's evaluation transform) or "
+                                "whole (the whole image resized to a square, as Keras does).")
+        self.resize = resize
         self.name, self.root, self.image_size = name, root, image_size
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
@@ -171,8 +184,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     # -- public ---------------------------------------------------------------------------------
     def configure(self, preprocessing: Preprocessing) -> ImageDataModule:
-        """Fix the backbone's preprocessing (``dataset.image_size`` already applied)."""
-        self.preprocessing = preprocessing
+        """Fix the backbone's preprocessing (``dataset.image_size`` already applied) and how
+        images are fitted to it (``dataset.resize``)."""
+        self.preprocessing = preprocessing.with_resize(self.resize)
         return self
 
     @property

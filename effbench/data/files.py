@@ -206,8 +206,9 @@ class ImageCache:
         self.pre, self.num_workers, self.batch_size = pre, int(num_workers), int(batch_size)
 
     def key(self, files: list[Path]) -> str:
-        h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "pre": [self.pre.crop_size,
-                                       self.pre.resize_size]}).encode())
+        size = [self.pre.crop_size, self.pre.resize_size]
+        size += [self.pre.resize] if self.pre.resize != "crop" else []  # older keys unchanged
+        h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "pre": size}).encode())
         for p in files:
             st = p.stat()
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

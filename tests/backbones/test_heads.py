@@ -156,7 +156,7 @@ def test_describe_torchvision_weights() -> None:
     d = build_backbone("resnet50").preprocessing.describe()
     assert d == {"normalize": True, "mean": pytest.approx([0.485, 0.456, 0.406]),
                  "std": pytest.approx([0.229, 0.224, 0.225]), "size": 224, "resize_size": 232,
-                 "interpolation": "bilinear", "source": d["source"]}
+                 "resize": "crop", "interpolation": "bilinear", "source": d["source"]}
     assert d["source"].startswith("torchvision weights ResNet50_Weights.")
 
 
