@@ -20,8 +20,8 @@ pass over the same batches (one fixed order: ``features.extract.train_batches`` 
 split in one seeded shuffle, never in file order; no augmentation; the rest of the network in
 eval mode) sees exactly the same batch means and variances. One pass records them (momentum 1
 for that pass: the running statistics then are the batch's, read by a forward hook), and the
-passes are replayed
-as the same update BatchNorm makes, ``r ← (1 − m)·r + m·batch``, on those numbers — the statistics
+passes are replayed as the
+same update BatchNorm makes, ``r ← (1 − m)·r + m·batch``, on those numbers — the statistics
 and the per-pass changes of real passes, up to float rounding, at the cost of one pass. A model
 in which some BN layer does not run exactly once per batch (shared layers) takes real passes.
 """
