@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+
+from tests.helpers.cli import run_cli, run_compare, run_eval  # noqa: F401 - the tests' door
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -34,15 +33,6 @@ def compose_cfg(overrides: list[str] | None = None):
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=overrides or [], return_hydra_config=True)
-
-
-def run_cli(args: list[str], cwd: Path, timeout: int = 600,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs ``effbench`` as a user would, in ``cwd`` (so outputs/ lands there)."""
-    full_env = {**os.environ, **(env or {})}
-    Path(cwd).mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "effbench.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
 def run_job(tmp_path: Path, overrides: list[str]) -> dict:

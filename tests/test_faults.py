@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, run_cli
+from tests.helpers.cli import run_compare
 
 QUICK = ["trainer.enable_progress_bar=false", "tracking.energy=false"]
 
@@ -74,9 +75,8 @@ def _epochs_saved(last: Path) -> Callable[[], bool]:
 
 
 def _compare_header(*dirs: Path, cwd: Path) -> str:
-    res = subprocess.run([sys.executable, "-m", "effbench.compare.cli", *map(str, dirs),
-                          "--no-plots", "--out", str(cwd / "cmp")], cwd=cwd,
-                         capture_output=True, text=True, timeout=300)
+    res = run_compare([*map(str, dirs), "--no-plots", "--out", str(cwd / "cmp")], cwd,
+                      timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout
 

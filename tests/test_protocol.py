@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from tests.conftest import TINY_MULTILABEL, run_cli
+from tests.helpers.cli import run_compare
 
 
 def compare_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "effbench.compare.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return run_compare(args, cwd, timeout=300)
 
 
 def one_summary(root: Path) -> dict:

@@ -11,7 +11,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import yaml
 from tests.compare.conftest import fake_run
 from tests.conftest import FAST, run_cli, run_job
 from tests.data.fakes import write_beans
+from tests.helpers.cli import run_compare, run_eval
 
 QUIET = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
@@ -47,13 +47,11 @@ def payload(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def effbench_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "effbench.eval_cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env=QUIET)
+    return run_eval(list(args), cwd, timeout=300, env=QUIET)
 
 
 def compare_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "effbench.compare.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env=QUIET)
+    return run_compare(list(args), cwd, timeout=300, env=QUIET)
 
 
 def eval_in_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ loads back and reproduces the test metric the run recorded — through the user'
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from effbench.compression.graph import GraphFormatError, from_json, resolve_op
 from effbench.eval_cli import main as eval_main
 from effbench.saved_model import evaluate, load
 from tests.conftest import ROOT, run_job
+from tests.helpers.cli import run_eval
 
 # Hard enough that no metric is 1.0 (AUROC ~0.6-0.9), so reproducing them means something.
 HARD = ["dataset.noise=6.0", "dataset.num_test=48"]
@@ -30,9 +30,7 @@ PRUNE = ["strategy=prune", "backbone=small_cnn", "strategy.prune.unit=step",
 
 def effbench_eval(*args: str) -> subprocess.CompletedProcess:
     """``effbench-eval`` as a user runs it (the console script's module, this interpreter)."""
-    return subprocess.run([sys.executable, "-m", "effbench.eval_cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return run_eval(list(args), ROOT, timeout=300, env={"PYTHONWARNINGS": "ignore"})
 
 
 def eval_json(run_dir: Path) -> dict:

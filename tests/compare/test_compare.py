@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from effbench.compare.load import load_runs, train_time
 from effbench.compare.stats import VERDICTS
 from tests.compare.conftest import fake_run
 from tests.conftest import CONF, FAST, assert_predictions, run_cli
+from tests.helpers.cli import run_compare
 
 SWEEP = ["dataset=synthetic", "dataset.num_train=96", "dataset.num_val=32", "dataset.num_test=32",
          "dataset.batch_size=32", "trainer.max_epochs=1", "tracking.energy=false", *FAST]
@@ -31,8 +31,7 @@ SECOND = next((s for s in ("freeze", "prune", "qat", "dynamic")
 
 
 def compare_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "effbench.compare.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return run_compare(args, cwd, timeout=300)
 
 
 def sweep_dir(cwd: Path) -> Path:

@@ -19,13 +19,13 @@ import pytest
 from effbench.compare.facts import effective_size
 from effbench.compare.output import write_atomic
 from tests.compare.conftest import fake_run
+from tests.helpers.cli import run_compare
 
 COMPARE = Path(__file__).resolve().parents[2] / "effbench" / "compare"
 
 
-def compare_cli(args: list[str], cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "effbench.compare.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, **kwargs)
+def compare_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return run_compare(args, cwd, timeout=300)
 
 
 def run(root: Path, name: str, strategy: str, seed: int, acc: float = 0.9, train: float = 10.0,
@@ -277,8 +277,7 @@ def test_outputs_are_replaced_atomically_with_the_umask(tmp_path: Path) -> None:
     for name in names:  # a hard link keeps the old inode: rewriting in place would change it
         (out / name).write_text("old")
         os.link(out / name, tmp_path / f"old_{name}")
-    res = compare_cli([str(tmp_path / "sweep"), "--out", str(out)], tmp_path,
-                      preexec_fn=lambda: os.umask(0o027))
+    res = run_compare([str(tmp_path / "sweep"), "--out", str(out)], tmp_path, umask=0o027)
     assert res.returncode == 0, res.stderr
     for name in names:
         assert (tmp_path / f"old_{name}").read_text() == "old", name

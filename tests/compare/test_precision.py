@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from tests.compare.conftest import fake_run
+from tests.helpers.cli import run_compare
 
 
 def compare_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "effbench.compare.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return run_compare(args, cwd, timeout=300)
 
 
 def run(root: Path, name: str, strategy: str, precision: str, device: str = "NVIDIA A100",

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.compare.conftest import fake_run
+from tests.helpers.cli import run_compare
 
 
 def test_search_cost_prints_n_times_faster_and_best_validation(tmp_path: Path) -> None:
@@ -15,8 +14,7 @@ def test_search_cost_prints_n_times_faster_and_best_validation(tmp_path: Path) -
                  overrides=(f"optim.optimizer.lr={lr}",))
         fake_run(tmp_path, f"p{i}", "precomputed", 0, acc - 0.05, train=2.0,
                  overrides=(f"optim.optimizer.lr={lr}",))
-    out = subprocess.run([sys.executable, "-m", "effbench.compare.cli", str(tmp_path),
-                          "--search-cost", "strategy"], capture_output=True, text=True)
+    out = run_compare([str(tmp_path), "--search-cost", "strategy"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "precomputed: 10.0× faster than finetune" in out.stdout
     # The winner of each search is picked on validation accuracy: 0.90 and 0.85.
@@ -25,7 +23,6 @@ def test_search_cost_prints_n_times_faster_and_best_validation(tmp_path: Path) -
 
 def test_search_cost_on_an_unknown_key_is_one_sentence(tmp_path: Path) -> None:
     fake_run(tmp_path, "f0", "finetune", 0, 0.9, train=20.0)
-    out = subprocess.run([sys.executable, "-m", "effbench.compare.cli", str(tmp_path),
-                          "--search-cost", "nosuch"], capture_output=True, text=True)
+    out = run_compare([str(tmp_path), "--search-cost", "nosuch"], tmp_path)
     assert out.returncode != 0 and "--search-cost nosuch" in out.stderr
     assert "Traceback" not in out.stderr

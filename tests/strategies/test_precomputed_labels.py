@@ -5,12 +5,11 @@ count is feature vectors × epochs, a random-init model names no weights as its 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from effbench.run import run_overrides
 from tests.conftest import ROOT, TINY
+from tests.helpers.cli import run_eval
 
 NET = ["backbone=resnet18", "backbone.weights=null", "dataset.resolution=16",
        "dataset.image_size=16"]
@@ -33,8 +32,7 @@ def test_precomputed_report_and_saved_model_labels(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "cold" / "model" / "manifest.json").read_text())
     assert "random initialisation" in manifest["preprocessing"]["source"]
     # Was "(network, made by default in strategy=precomputed)".
-    res = subprocess.run([sys.executable, "-m", "effbench.eval_cli", str(tmp_path / "cold")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = run_eval([str(tmp_path / "cold")], ROOT, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "(network: backbone + head as trained, strategy=precomputed)" in res.stdout
     assert "made by default" not in res.stdout

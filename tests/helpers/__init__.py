@@ -1,0 +1,1 @@
+"""Helpers shared by the tests (the CLI's door without its import cost, tiny configs, …)."""

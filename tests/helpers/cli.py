@@ -1,0 +1,129 @@
+"""The commands as a user runs them: ``effbench``, ``effbench-compare``, ``effbench-eval``.
+
+Each call is a process of its own with the command's ``main()``, its argv, cwd, environment, exit
+code and stderr, as the console script is. By default it is forked from a zygote that imported
+effbench once (tests/helpers/zygote_server.py): the door is the same, minus the ~5 s of torch and
+Lightning imports that every real subprocess pays (most of the suite's time before). Set
+``EFFBENCH_TEST_SUBPROCESS=1`` to run every command as a fresh interpreter instead; a few tests
+(tests/test_startup.py, the signal and kill tests) always do.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+SERVER = Path(__file__).with_name("zygote_server.py")
+ROOT = SERVER.parents[2]
+
+
+class _Zygote:
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        self.proc = subprocess.Popen([sys.executable, str(SERVER)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, bufsize=1, cwd=ROOT, env=env)
+        first = json.loads(self.proc.stdout.readline() or "{}")
+        if not first.get("ready"):
+            raise RuntimeError("the test zygote did not start; run with EFFBENCH_TEST_SUBPROCESS=1")
+        self.lock = threading.Lock()
+        self.waiting: dict[str, Future] = {}
+        self.ids = itertools.count()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            if "rc" in msg:
+                with self.lock:
+                    future = self.waiting.pop(msg["id"])
+                future.set_result(msg["rc"])
+
+    def _send(self, obj: dict) -> None:
+        with self.lock:
+            self.proc.stdin.write(json.dumps(obj) + "\n")
+            self.proc.stdin.flush()
+
+    def run(self, module: str, argv: list[str], cwd: Path, env: dict[str, str],
+            timeout: float, umask: int | None) -> subprocess.CompletedProcess:
+        ident = str(next(self.ids))
+        future: Future = Future()
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            with self.lock:
+                self.waiting[ident] = future
+            self._send({"id": ident, "module": module, "argv": argv, "cwd": str(cwd),
+                        "env": env, "stdout": str(out), "stderr": str(err), "umask": umask})
+            try:
+                rc = future.result(timeout=timeout)
+            except TimeoutError:
+                self._send({"kill": ident})
+                future.result(timeout=60)
+                raise subprocess.TimeoutExpired([module, *argv], timeout) from None
+            return subprocess.CompletedProcess([module, *argv], rc, _text(out), _text(err))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+_zygote: _Zygote | None = None
+_start_lock = threading.Lock()
+
+
+def _shared() -> _Zygote:
+    global _zygote
+    with _start_lock:
+        if _zygote is None or _zygote.proc.poll() is not None:
+            _zygote = _Zygote()
+            atexit.register(_zygote.close)
+        return _zygote
+
+
+def run_command(module: str, args: list[str], cwd: Path, timeout: float = 600,
+                env: dict | None = None, umask: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m <module> args`` in ``cwd`` (a user's command, under ``umask`` if given),
+    captured as text."""
+    full_env = {**os.environ, **(env or {})}
+    Path(cwd).mkdir(parents=True, exist_ok=True)
+    # PYTHONPATH (a fault injector's sitecustomize) acts only when an interpreter starts.
+    if os.environ.get("EFFBENCH_TEST_SUBPROCESS") == "1" or "PYTHONPATH" in (env or {}):
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
+                              capture_output=True, text=True, timeout=timeout, env=full_env,
+                              preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+    return _shared().run(module, [str(a) for a in args], Path(cwd), full_env, timeout, umask)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """``effbench args`` in ``cwd`` (so outputs/ lands there)."""
+    return run_command("effbench.cli", args, cwd, timeout, env)
+
+
+def run_compare(args: list[str], cwd: Path, timeout: float = 600,
+                env: dict | None = None, umask: int | None = None) -> subprocess.CompletedProcess:
+    """``effbench-compare args`` in ``cwd``."""
+    return run_command("effbench.compare.cli", args, cwd, timeout, env, umask)
+
+
+def run_eval(args: list[str], cwd: Path, timeout: float = 600,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """``effbench-eval args`` in ``cwd``."""
+    return run_command("effbench.eval_cli", args, cwd, timeout, env)

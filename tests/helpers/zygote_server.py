@@ -1,0 +1,116 @@
+"""The zygote: a process that imports effbench's commands once and forks a fresh child per
+command, which runs the command's ``main()`` exactly as the console script would (its own process,
+argv, cwd, environment, stdout/stderr and exit code) without paying torch + Lightning's imports
+again. Protocol on stdin/stdout, one JSON object per line:
+
+  request  {"id", "module", "argv", "cwd", "env", "stdout", "stderr"}  -> {"id", "pid"}
+           {"kill": id}                                                 (SIGKILL that child)
+  reply when a child ends                                               -> {"id", "rc"}
+
+This parent never computes anything (no torch op, no thread pool), so each fork starts clean.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import importlib.util
+import json
+import os
+import select
+import signal
+import sys
+import traceback
+
+PRELOAD = ("effbench.cli", "effbench.run", "effbench.compare.cli", "effbench.eval_cli")
+
+
+def _child(req: dict) -> None:
+    """In the forked child: become the command, then leave with its exit code."""
+    code = 1
+    try:
+        os.setpgid(0, 0)  # its own group: a kill reaches what it started
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(out, fd)
+            os.close(out)
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        os.environ.clear()
+        os.environ.update(req["env"])
+        os.chdir(req["cwd"])
+        if req.get("umask") is not None:
+            os.umask(req["umask"])
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        import __main__
+
+        # A relaunch (Lightning's DDP) re-runs ``python -m <module> argv`` as the real command.
+        __main__.__spec__ = importlib.util.find_spec(req["module"])
+        sys.argv = [req["module"], *req["argv"]]
+        module = importlib.import_module(req["module"])
+        try:
+            module.main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            if not isinstance(stop.code, int | None):
+                print(stop.code, file=sys.stderr)
+        except BaseException:  # noqa: BLE001 - as the interpreter would: traceback, exit 1
+            traceback.print_exc()
+            code = 1
+        atexit._run_exitfuncs()  # logging's flush, codecarbon's, … as at a real exit
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _reply(obj: dict) -> None:
+    sys.__stdout__.write(json.dumps(obj) + "\n")
+    sys.__stdout__.flush()
+
+
+def serve() -> None:
+    for name in PRELOAD:
+        importlib.import_module(name)
+    _reply({"ready": True})
+    children: dict[int, str] = {}
+    stdin = sys.__stdin__
+    while True:
+        ready, _, _ = select.select([stdin], [], [], 0.05)
+        if ready:
+            line = stdin.readline()
+            if not line:  # the tests ended
+                for pid in children:
+                    os.killpg(pid, signal.SIGKILL)
+                return
+            req = json.loads(line)
+            if "kill" in req:
+                pid = next((p for p, i in children.items() if i == req["kill"]), None)
+                if pid is not None:
+                    os.killpg(pid, signal.SIGKILL)
+                continue
+            pid = os.fork()
+            if pid == 0:
+                _child(req)
+            children[pid] = req["id"]
+            _reply({"id": req["id"], "pid": pid})
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            _reply({"id": children.pop(pid), "rc": os.waitstatus_to_exitcode(status)})
+
+
+if __name__ == "__main__":
+    sys.path.pop(0)  # this folder (its cli.py) must not shadow anything
+    serve()
