@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
         description="Load the model a run saved (<RUN_DIR>/model/: manifest.json + safetensors) "
                     "and evaluate it on the run's test split, rebuilt from "
                     "<RUN_DIR>/resolved_config.yaml; prints its metrics next to the ones the run "
-                    "recorded. In Python: from effbench.saved_model import load; "
+                    "recorded. In Python: from effbench.model.saved import load; "
                     "model = load(RUN_DIR); logits = model(uint8_images).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a completed run's folder (or its model/)")
     p.add_argument("--data-root", metavar="DIR", default=None,
@@ -58,7 +58,7 @@ def table(result: dict[str, Any], manifest: dict[str, Any], where: str) -> str:
 
 def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from effbench.saved_model import evaluate, load  # torch, after --help
+    from effbench.model.saved import evaluate, load  # torch, after --help
 
     model = load(args.run_dir)
     result = evaluate(model, data_root=args.data_root)

@@ -10,12 +10,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor
 
-from effbench import saved_model
 from effbench.context import RunContext
 from effbench.errors import EffbenchError
+from effbench.model import saved as saved_model
 from effbench.ranks import global_rank
 from effbench.recipe import Recipe
-from effbench.strategies.base import EXCLUSIVE, Technique
+from effbench.technique import EXCLUSIVE, Technique
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,6 @@ from effbench.rundir import (
     write_failure,
     write_text_atomic,
 )
-from effbench.strategies.base import Technique
 from effbench.summary import (
     SCHEMA_VERSION,
     environment,
@@ -53,6 +52,7 @@ from effbench.summary import (
     write_json_atomic,
 )
 from effbench.system import ClassifierSystem, Diverged
+from effbench.technique import Technique
 from effbench.tracking import EnergyTracker, add_to_phase, check_country
 from effbench.validate import check_data, check_strategy_trainer_keys, validate
 

@@ -37,17 +37,17 @@ from torch import nn
 from torch.nn.utils import prune
 
 from effbench.backbones import build_backbone
-from effbench.compression import cpu_latency_ms, module_bytes, zipped_state_dict_bytes
-from effbench.compression.structured import build_channel_pruner, count_macs
-from effbench.strategies.prune import ADAPTIVE_PRESETS, GradualPruning, layer_sparsity
-from effbench.strategies.qat import (
+from effbench.model import cpu_latency_ms, module_bytes, zipped_state_dict_bytes
+from effbench.summary import state_dict_bytes
+from effbench.techniques.prune.channel import build_channel_pruner, count_macs
+from effbench.techniques.prune.technique import ADAPTIVE_PRESETS, GradualPruning, layer_sparsity
+from effbench.techniques.qat.technique import (
     agreement,
     convert_int8,
     lower_x86,
     prepare_qat,
     quantized_weight_bytes,
 )
-from effbench.summary import state_dict_bytes
 
 NUM_LABELS = 14  # ChestX-ray14
 

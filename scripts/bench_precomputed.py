@@ -12,7 +12,7 @@ cache-hit fast path and batched head training.
     fixed_costs_s``). The sweep's precomputed jobs keep no model (``save_model=false``: a sweep
     compares heads); one more hit job that saves its model shows what saving adds;
 (c) the same K heads as K sequential cache-hit jobs vs one batched group
-    (``hydra/launcher=batched_heads``' path: ``effbench.batched_heads.pretrain`` + K jobs that
+    (``hydra/launcher=batched_heads``' path: precomputed's ``launcher.pretrain`` + K jobs that
     take their trained heads): the batched speed-up and the largest metric difference.
 
 Every job runs the real pipeline (``effbench.run.run``) in this process, as Hydra's basic
@@ -195,8 +195,8 @@ def part_b(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def part_c(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """K heads: K sequential cache-hit jobs vs one batched group + K jobs taking their heads."""
-    from effbench.batched_heads import pretrain
-    from effbench.features.batched import PRETRAINED
+    from effbench.techniques.precomputed.batched import PRETRAINED
+    from effbench.techniques.precomputed.launcher import pretrain
 
     print(f"(c) the same K={args.k} heads: sequential cache-hit jobs vs one batched group")
     cache = tmp / "cache_c"

@@ -10,11 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from effbench.batched_heads import group_jobs, pretrain
-from effbench.features.batched import PRETRAINED, HeadJob, not_batchable
-from effbench.features.head_training import HeadTraining
-from effbench.features.heads import build_head
 from effbench.losses import CrossEntropy
+from effbench.techniques.precomputed.batched import PRETRAINED, HeadJob, not_batchable
+from effbench.techniques.precomputed.head_training import HeadTraining
+from effbench.techniques.precomputed.heads import build_head
+from effbench.techniques.precomputed.launcher import group_jobs, pretrain
 from tests.conftest import TINY, compose_cfg, run_cli, run_job
 
 PRE = ["strategy=precomputed", "backbone=resnet18", "backbone.weights=null",

@@ -1,6 +1,6 @@
 """Models you can keep: every run saves ``<run>/model/`` (manifest.json + safetensors), which
 loads back and reproduces the test metric the run recorded — through the user's door
-(``effbench-eval RUN_DIR``) and the Python one (``effbench.saved_model.load``)."""
+(``effbench-eval RUN_DIR``) and the Python one (``effbench.model.saved.load``)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from effbench.compression import sparse
-from effbench.compression.graph import GraphFormatError, from_json, resolve_op
 from effbench.eval_cli import main as eval_main
-from effbench.saved_model import evaluate, load
+from effbench.model import sparse
+from effbench.model.graph import GraphFormatError, from_json, resolve_op
+from effbench.model.saved import evaluate, load
 from tests.conftest import ROOT, run_job
 from tests.helpers.cli import run_eval
 

@@ -204,7 +204,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def source_files(self) -> list[Path]:
         """The files (or folders) the images are read from, for a decode-free fingerprint of the
-        data (``effbench.features.lookup``); generated data has none (its options say it all)."""
+        data (precomputed's ``lookup``); generated data has none (its options say it all)."""
         return [Path(str(self.root)).expanduser()] if self.root else []
 
     def restore_labels(self, labels: dict[str, torch.Tensor], class_names: list[str]) -> None:

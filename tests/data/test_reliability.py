@@ -18,7 +18,7 @@ import effbench.data.imagefolder as imagefolder
 from effbench.data.brain_mri import BrainMRIDataModule
 from effbench.data.imagefolder import ImageFolderDataModule, readable
 from effbench.errors import EffbenchError
-from effbench.features.cache import FeatureCache
+from effbench.techniques.precomputed.cache import FeatureCache
 from tests.conftest import FAST, run_cli
 from tests.data.fakes import write_brain_mri
 from tests.data.helpers import PRE, make

@@ -1,0 +1,1 @@
+"""``qat``: quantization-aware training to an int8 model (study 004)."""
