@@ -1,94 +1,92 @@
-"""The stack of techniques of one run: built from ``cfg.strategy`` (one or several), checked for
-compatibility before anything runs, and driven through the shared fit."""
+"""The pipeline of one run: a list of phases that the techniques of the stack contribute to
+(effbench/technique.py), run in this order by :func:`run`:
+
+``fit``      the technique that replaces the loop runs it; otherwise Lightning's fit with the
+             recipe's callbacks and every technique's, then the test of the best checkpoint;
+``settle``   every technique makes its changes permanent (masks → zeros);
+``refit``    a technique's second training phase (a model rebuilt after another's changes),
+             given ``train``: one more fit + test, the weights others fixed at zero kept zero;
+``finalize`` each technique's facts under its own name;
+``save``     ``<run>/model/`` in the form the last technique that shapes it asks for.
+
+The stack itself (order, compatibility) is resolved in effbench/stack.py.
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from hydra.utils import instantiate
-from omegaconf import DictConfig
-from pytorch_lightning.callbacks import LearningRateMonitor
+import torch
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor
 
 from effbench.context import RunContext
 from effbench.errors import EffbenchError
 from effbench.model import saved as saved_model
 from effbench.ranks import global_rank
 from effbench.recipe import Recipe
-from effbench.technique import EXCLUSIVE, Technique
+from effbench.stack import loop_owner
+from effbench.technique import Technique
 
 log = logging.getLogger(__name__)
 
 
-def build_techniques(strategy: DictConfig) -> list[Technique]:
-    """One object per selected technique (``strategy.<name>``), in the order they act."""
-    techniques = []
-    for name, node in strategy.items():
-        t = instantiate(node, _convert_="all")
-        if not isinstance(t, Technique):
-            raise EffbenchError(f"strategy.{name}._target_ does not name an effbench technique; "
-                                "use one of the options of `effbench --help`.")
-        t.name = str(name)
-        techniques.append(t)
-    if not techniques:
-        raise EffbenchError("strategy=[] selects no technique; use strategy=finetune for the "
-                            "plain recipe.")
-    return sorted(techniques, key=lambda t: t.order)
-
-
-def check_compatible(techniques: list[Technique]) -> None:
-    """Refuses an impossible stack with one sentence naming both techniques and why."""
-    for i, a in enumerate(techniques):
-        for b in techniques[i + 1:]:
-            reason = a.incompatible(b) or b.incompatible(a) or _shared_exclusive(a, b)
-            if reason:
-                raise EffbenchError(f"strategy=[{a.name},{b.name}] cannot run together: {reason}; "
-                                    "run them separately and compare.")
-    needed = {t.requires_precision for t in techniques} - {None}
-    if len(needed) > 1:
-        raise EffbenchError(f"strategy=[{','.join(t.name for t in techniques)}] need different "
-                            f"precisions ({', '.join(sorted(needed))}); run them separately.")
-
-
-def _shared_exclusive(a: Technique, b: Technique) -> str | None:
-    shared = set(a.acts_on) & set(b.acts_on) & set(EXCLUSIVE)
-    if shared:
-        what = shared.pop()
-        return f"both replace the training {what}, and a run has only one"
-    if (a.replaces_loop and b.acts_on) or (b.replaces_loop and a.acts_on):
-        loop, other = (a, b) if a.replaces_loop else (b, a)
-        if "backbone_grad" in other.needs:
-            return (f"{other.name} needs gradients through the backbone, which {loop.name} "
-                    "never computes (it trains a head on cached features)")
-        return (f"{loop.name} trains in its own loop, where {other.name}'s "
-                f"{'/'.join(sorted(other.acts_on))} changes would never act")
-    return None
-
-
-def requirement(techniques: list[Technique], attr: str) -> Any:
-    values = [getattr(t, attr) for t in techniques if getattr(t, attr) is not None]
-    return values[0] if values else None
+def run(ctx: RunContext, techniques: list[Technique], recipe: Recipe,
+        ) -> tuple[dict[str, Any], dict]:
+    """Every phase in order; returns (each technique's facts, ``summary.model`` entries)."""
+    fit(ctx, techniques, recipe)
+    settle(ctx, techniques)
+    refit(ctx, techniques, recipe)
+    return finalize(ctx, techniques)
 
 
 def fit(ctx: RunContext, techniques: list[Technique], recipe: Recipe) -> None:
-    """The one technique that replaces the loop runs it; otherwise Lightning's fit with the
-    recipe's callbacks and every technique's, then the best checkpoint is tested, then any
-    technique's second phase (``post_fit``)."""
-    owner = next((t for t in techniques if t.replaces_loop), None)
+    """Phase *fit*: the one technique that replaces the loop runs it; otherwise Lightning's fit
+    with the recipe's callbacks and every technique's, then the best checkpoint is tested."""
+    owner = loop_owner(techniques)
     if owner is not None:
         owner.fit(ctx)
         return
     callbacks = [cb for t in techniques for cb in t.callbacks(ctx)]
-    fit_and_test(ctx, techniques, recipe, callbacks, resume=ctx.resume_from)
+    fit_and_test(ctx, recipe, callbacks, resume=ctx.resume_from)
+
+
+def settle(ctx: RunContext, techniques: list[Technique]) -> None:
+    """Phase *settle*: every technique's changes made permanent (idempotent)."""
     for t in techniques:
-        t.post_fit(ctx)
+        t.settle(ctx)
 
 
-def fit_and_test(ctx: RunContext, techniques: list[Technique], recipe: Recipe,
-                 callbacks: list, resume: str | None = None, subdir: str = "",
-                 **trainer_overrides: Any) -> None:
-    """One Lightning fit with the recipe's callbacks, then the test of its best checkpoint."""
-    ready = [t.best_checkpoint_ready for t in techniques]
+def refit(ctx: RunContext, techniques: list[Technique], recipe: Recipe) -> None:
+    """Phase *refit*: each technique's second training phase, if it has one. ``train`` keeps
+    the weights every technique fixed at zero (``kept_zeros``) at zero."""
+    zeros = [z for t in techniques for z in t.kept_zeros()]
+    for t in techniques:
+        def train(callbacks: list[Callback], subdir: str, **trainer_overrides: Any) -> None:
+            fit_and_test(ctx, recipe, [KeepZeros(zeros), *callbacks], subdir=subdir,
+                         **trainer_overrides)
+
+        t.refit(ctx, train)
+
+
+class KeepZeros(Callback):
+    """Weights an earlier phase fixed at zero (pruning) stay zero while a later phase trains."""
+
+    def __init__(self, zeros: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.zeros = zeros
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        with torch.no_grad():
+            for weight, zero in self.zeros:
+                weight.masked_fill_(zero.to(weight.device), 0.0)
+
+
+def fit_and_test(ctx: RunContext, recipe: Recipe, callbacks: list, resume: str | None = None,
+                 subdir: str = "", **trainer_overrides: Any) -> None:
+    """One Lightning fit with the recipe's callbacks, then the test of its best checkpoint
+    (chosen among epochs where every callback that has a ``checkpoint_ready`` says ready)."""
+    ready = [cb.checkpoint_ready for cb in callbacks if hasattr(cb, "checkpoint_ready")]
     run_dir = ctx.run_dir / subdir if subdir else ctx.run_dir
     # The lr per epoch in the CSV/TensorBoard: ReduceLROnPlateau changes it, invisibly otherwise.
     lr_monitor = LearningRateMonitor(logging_interval="epoch")
@@ -105,12 +103,11 @@ def fit_and_test(ctx: RunContext, techniques: list[Technique], recipe: Recipe,
 
 
 def finalize(ctx: RunContext, techniques: list[Technique]) -> tuple[dict[str, Any], dict]:
-    """Each technique's facts under its own name; ``"model"`` entries go to summary.model, with
-    where the run's model was saved (``saved``)."""
+    """Phases *finalize* and *save*: each technique's facts under its own name; ``"model"``
+    entries go to summary.model, with where the run's model was saved (``saved``)."""
     facts: dict[str, Any] = {}
     model: dict[str, Any] = {}
-    for t in techniques:
-        t.settle(ctx)
+    settle(ctx, techniques)  # idempotent: finalize may be called alone (benchmarks, tests)
     for t in techniques:
         own = {**t.describe(), **ctx.extra.pop(t.name, {}), **t.finalize(ctx)}
         model.update(own.pop("model", {}))
@@ -122,7 +119,7 @@ def finalize(ctx: RunContext, techniques: list[Technique]) -> tuple[dict[str, An
 
 def save_model(ctx: RunContext, techniques: list[Technique]) -> dict[str, Any]:
     """``<run>/model/``: in the form the last technique of the stack that shapes it asks for
-    (prune: compressed, qat: int8), else backbone + head as trained. A model that cannot be
+    (compressed, int8, …), else backbone + head as trained. A model that cannot be
     saved does not fail the run that trained it: the summary and the report say why."""
     try:
         with ctx.phase("save"):

@@ -9,7 +9,8 @@ One numpy ``.npz`` archive without pickled objects (read it with
 - ``labels``: int64 ``(N,)`` class indices, or ``(N, C)`` 0/1 for multilabel data;
 - ``probs``: float32 ``(N, C)``, the tested model's softmax (multiclass) or per-label sigmoid
   (multilabel);
-- ``int8_probs``: float32 ``(N, C)``, ``qat`` only: the int8 model's, on the same samples;
+- ``int8_probs``: float32 ``(N, C)``, only where a technique converted the model to int8: the
+  int8 model's, on the same samples;
 - ``class_names``: str ``(C,)``; ``task``: str; ``test_ids_sha256``: str (below).
 
 The summary records it under ``predictions``: ``file``, ``sha256`` (of the file), ``rows``,

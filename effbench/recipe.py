@@ -49,7 +49,7 @@ class Recipe:
                    class_weights=bool(optim.get("class_weights", False)))
 
     def callbacks(self, run_dir: Path, ready: list[Callable[[pl.Trainer], bool]]) -> list[Callback]:
-        """The best-``monitor`` checkpoint (chosen among epochs where every technique is ready)
+        """The best-``monitor`` checkpoint (chosen among epochs where every gate is ready)
         with ``last.ckpt`` for resuming, and early stopping."""
         cbs: list[Callback] = []
         ckpt_dir = run_dir / "checkpoints"
@@ -73,8 +73,9 @@ def last_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
 
 
 class GatedCheckpoint(ModelCheckpoint):
-    """Tracks the best checkpoint only at epochs where every technique says the model is what
-    it delivers (e.g. pruning at its final sparsity), so the model tested is that one."""
+    """Tracks the best checkpoint only at epochs where every gate (a technique's callback's
+    ``checkpoint_ready``) says the model is what it delivers (e.g. at its final sparsity), so
+    the model tested is that one."""
 
     def __init__(self, ready: list[Callable[[pl.Trainer], bool]], **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -34,7 +34,6 @@ from effbench.lifecycle import (
 )
 from effbench.loggers import finish_loggers, quiet_third_party
 from effbench.losses import build_loss
-from effbench.pipeline import build_techniques, check_compatible, requirement
 from effbench.ranks import global_rank
 from effbench.recipe import Recipe
 from effbench.rundir import (
@@ -44,6 +43,7 @@ from effbench.rundir import (
     write_failure,
     write_text_atomic,
 )
+from effbench.stack import build_techniques, check_compatible, requirement
 from effbench.summary import (
     SCHEMA_VERSION,
     environment,
@@ -217,8 +217,7 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         ctx.times["setup"] = time.perf_counter() - start
         times = ctx.times
         tracker.start()
-        pipeline.fit(ctx, techniques, recipe)
-        summary["strategy"], model_facts = pipeline.finalize(ctx, techniques)
+        summary["strategy"], model_facts = pipeline.run(ctx, techniques, recipe)
         summary["energy"] = _with_batched_share(_whole_run_energy(tracker.stop(), ctx.record),
                                                 summary["strategy"])
         _fill_results(summary, ctx, model_facts)

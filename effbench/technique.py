@@ -1,34 +1,46 @@
 """The technique contract: a self-contained plug-in on one shared pipeline (DESIGN.md §5).
 
-A technique is one class in ``effbench/techniques/<name>.py`` selected by
-``conf/strategy/<name>.yaml`` (its keys under ``<name>:``); ``strategy=[freeze,prune]`` stacks
-several. Like Composer's algorithms and Lightning's callbacks, each technique declares what it
-changes (``acts_on``) and what it needs (``needs``, ``requires_precision``), and acts through
-hooks the pipeline (effbench/pipeline.py) calls for every technique of the stack, in ``order``:
+A technique is one class in ``effbench/techniques/<name>.py`` or ``effbench/techniques/<name>/``
+that registers itself (:func:`register`), selected by ``conf/strategy/<name>.yaml`` (its keys
+under ``<name>:``); ``strategy=[freeze,prune]`` stacks several. Like Composer's algorithms and
+Lightning's callbacks, each technique declares what it changes (``acts_on``) and what it needs
+(``needs``, ``requires_precision``); effbench/stack.py resolves a stack from these declarations
+(order, compatibility, the precision) in one place, and effbench/pipeline.py runs its phases,
+calling each technique's hook for the phase:
 
-``check(ctx)`` → ``configure_model(ctx)`` (model surgery) → the shared Lightning fit with every
-technique's ``callbacks(ctx)`` (or, for the one technique that ``replaces_loop``, its ``fit``) →
-``finalize(ctx)`` (its own facts, under ``summary.strategy.<name>``) → ``saved_model(ctx)`` (the
-form of the model kept in ``<run>/model/``).
+``check`` → ``configure_model`` (model surgery) → **fit** (the shared Lightning fit with every
+technique's ``callbacks``, or the ``fit`` of the one technique that ``replaces_loop``) →
+**settle** (``settle``: changes made permanent) → **refit** (``refit``: a second training phase)
+→ **finalize** (``finalize``: its own facts, under ``summary.strategy.<name>``) → **save**
+(``saved_model``: the form of the model kept in ``<run>/model/``).
 
-The training recipe (optimizer, scheduler, early stopping, checkpoint) is not a technique's: it is
-the ``optim`` config group, read once by the pipeline.
+No technique calls the pipeline or another technique's hooks: what a phase needs from the
+pipeline is handed to the hook (``refit``'s ``train``). The training recipe (optimizer,
+scheduler, early stopping, checkpoint) is not a technique's: it is the ``optim`` config group.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pytorch_lightning.callbacks import Callback
 
+from effbench.errors import EffbenchError
+
 if TYPE_CHECKING:
-    import pytorch_lightning as pl
     from omegaconf import DictConfig
     from torch import nn
 
     from effbench.context import RunContext
     from effbench.data.base import ImageDataModule
     from effbench.model.saved import SavedModel
+
+# ``train(callbacks, subdir, **trainer_overrides)``: one more fit + test with the run's recipe.
+Train = Callable[..., None]
 
 # What a technique may change. Two techniques that both own a "sampling" or a "loop" conflict.
 ACTS_ON = ("model", "callbacks", "sampling", "loop", "checkpoint", "export")
@@ -44,9 +56,13 @@ class Technique:
     # "backbone_grad": gradients flow through the backbone (training the backbone's weights).
     needs: frozenset[str] = frozenset()
     replaces_loop = False
-    # Model changes made through hooks (pruning masks) that a graph export cannot carry until
-    # ``settle`` makes them permanent: a later model-rebuilding technique (qat) waits for it.
+    # Model changes made through hooks (masks) that a graph export cannot carry until ``settle``
+    # makes them permanent: a later model-rebuilding technique waits for it (its ``refit``).
     reparametrizes = False
+    # Which weights train changes during the fit (a technique exporting a graph cannot follow).
+    unfreezes_during_fit = False
+    # BatchNorm layers held in eval mode during training (a graph that folds them cannot).
+    holds_batchnorm_in_eval = False
     # The precision this technique needs (None: any); the hardware plan uses it instead of the
     # preset's and refuses an explicit trainer.precision that differs.
     requires_precision: str | None = None
@@ -74,23 +90,18 @@ class Technique:
         """Lightning callbacks this technique acts through during the shared fit."""
         return []
 
-    def best_checkpoint_ready(self, trainer: pl.Trainer) -> bool:
-        """False while the model is not yet what this technique delivers (e.g. pruning not at
-        its target): the best checkpoint is chosen among epochs where every technique is ready."""
-        return True
-
     def settle(self, ctx: RunContext) -> None:
-        """Make this technique's model changes permanent (e.g. pruning masks → zeros). Called
-        before a later technique rebuilds the model (qat after prune) and before finalize;
-        must be idempotent."""
+        """Phase *settle*: make this technique's model changes permanent (masks → zeros), before
+        any ``refit`` rebuilds the model and before ``finalize``; must be idempotent."""
 
     def kept_zeros(self) -> list[tuple[Any, Any]]:
-        """(parameter, boolean mask) pairs this technique fixed at zero (after ``settle``), for
-        later training phases to keep zero."""
+        """(parameter, boolean mask) pairs this technique fixed at zero (after ``settle``); the
+        pipeline keeps them zero in every later training phase."""
         return []
 
-    def post_fit(self, ctx: RunContext) -> None:
-        """After the shared fit and test: a second phase (qat fine-tunes a pruned model)."""
+    def refit(self, ctx: RunContext, train: Train) -> None:
+        """Phase *refit*, after every technique settled: a second training phase of this
+        technique's own (``train(callbacks, subdir, **trainer_overrides)``). Default: none."""
 
     def fit(self, ctx: RunContext) -> None:
         """Only for a technique that ``replaces_loop``."""
@@ -125,3 +136,38 @@ class Technique:
     def facts(self, summary: dict[str, Any]) -> dict[str, Any]:
         """This technique's own entry of a summary."""
         return summary.get("strategy", {}).get(self.name, {})
+
+
+# -- the registry (timm's ``register_model``): every technique class, by name -------------------
+_REGISTRY: dict[str, type[Technique]] = {}
+
+
+def register(cls: type[Technique]) -> type[Technique]:
+    """Class decorator: ``cls`` is the technique ``cls.name`` (``conf/strategy/<name>.yaml``)."""
+    if _REGISTRY.get(cls.name, cls) is not cls:
+        raise EffbenchError(f"two techniques are named {cls.name!r}: "
+                            f"{_REGISTRY[cls.name].__module__} and {cls.__module__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered() -> dict[str, type[Technique]]:
+    """Every technique: each module of ``effbench.techniques`` (a package's ``technique``
+    module) is imported once, and registers its class."""
+    import effbench.techniques as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        name = f"{package.__name__}.{info.name}"
+        importlib.import_module(f"{name}.technique" if info.ispkg else name)
+    return dict(sorted(_REGISTRY.items()))
+
+
+def technique_class(name: str) -> type[Technique]:
+    """The registered class called ``name``; an unknown name is refused with the closest ones."""
+    known = registered()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" (closest: {', '.join(close)})" if close else ""
+        raise EffbenchError(f"no technique is called {name!r}{hint}; the techniques: "
+                            f"{', '.join(known)}.")
+    return known[name]

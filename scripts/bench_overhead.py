@@ -57,8 +57,9 @@ def effbench_full_fit(cfg, tmp: Path) -> tuple[float, int]:
 
     torch.manual_seed(0)
     ctx = build_run(cfg, tmp)
-    callbacks = [*ctx.recipe.callbacks(tmp, [t.best_checkpoint_ready for t in ctx.techniques]),
-                 *[cb for t in ctx.techniques for cb in t.callbacks(ctx)],
+    own = [cb for t in ctx.techniques for cb in t.callbacks(ctx)]
+    gates = [cb.checkpoint_ready for cb in own if hasattr(cb, "checkpoint_ready")]
+    callbacks = [*ctx.recipe.callbacks(tmp, gates), *own,
                  LearningRateMonitor(logging_interval="epoch")]
     trainer = ctx.make_trainer(callbacks)
     start = time.perf_counter()

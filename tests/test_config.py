@@ -30,7 +30,7 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path) -> 
         dm = instantiate(cfg.dataset, _convert_="all")
         assert dm.name == cfg.dataset.name
     elif group == "strategy":
-        from effbench.pipeline import build_techniques
+        from effbench.stack import build_techniques
 
         [technique] = build_techniques(cfg.strategy)
         assert technique.name == option == list(cfg.strategy)[0]

@@ -9,7 +9,7 @@ For notebooks (see docs/compare.md)::
 
     from effbench.compare import load_runs, paired_comparison
     runs = load_runs(["outputs/multirun/2026-05-21_10-00-00"])   # one pandas row per run
-    result = paired_comparison("outputs/.../1_freeze_…", "outputs/.../0_finetune_…",
+    result = paired_comparison("outputs/.../1_<technique>_…", "outputs/.../0_<baseline>_…",
                                metric="test/acc", margin=1.0)
     print(result.sentence())   # test/acc −0.40 pp [−1.60, +0.80], McNemar exact p = 0.52: …
 """

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from effbench.compare import safe
 from effbench.compare.cost import charge
-from effbench.compare.group import DEFAULT_BASELINE, compare
+from effbench.compare.group import compare, default_baseline
 from effbench.compare.load import find_summaries, load_runs
 from effbench.compare.output import prepare_out
 from effbench.compare.plots import write_plots
@@ -33,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
                    help="headline metric (default: test/acc; test/auroc_macro when multilabel)")
     p.add_argument("--baseline", action="append", default=None, metavar="KEY=VALUE",
                    help=f"the reference configuration, matched on the other keys (default: "
-                        f"{DEFAULT_BASELINE} when such runs exist); repeat or comma-join for "
+                        f"{default_baseline()} when such runs exist); repeat or comma-join for "
                         f"several keys")
     p.add_argument("--by", action="append", default=None, metavar="KEY",
                    help="group by these config keys instead of the ones that vary (repeatable)")
@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
                         f"{RESAMPLES} resamples, fixed seed) lies above −margin is non-inferior, "
                         f"above 0 superior, below −margin inferior, else inconclusive")
     p.add_argument("--best-so-far", action="store_true",
-                   help="learning curves as the running best (the dynamic study's elitism)")
+                   help="learning curves as the running best (elitism: the best model so far)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--amortize", action="store_true", help="share each feature-cache build among "
                    "the jobs that used it (default: each job pays for the features it used)")

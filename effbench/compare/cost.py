@@ -1,12 +1,13 @@
-"""What a cache-hit job is charged for the features it reused (``precomputed``'s feature cache).
+"""What a cache-hit job is charged for the features it reused (a technique's feature cache).
 
-A job that loads its BN statistics and features from the cache records 0 s of BN adaptation and
-extraction; it records instead what building those entries cost and who built them
-(``summary.strategy.precomputed.cache``: ``hit``, ``built_by``, ``built_s`` and ``spared_s`` per
-phase, ``built_kwh`` / ``built_co2_kg``). Two honest views of its cost, both labelled:
+A job that loads its BN statistics and features from a cache records 0 s of BN adaptation and
+extraction; it records instead what building those entries cost and who built them, in the
+``cache`` record of its technique's facts (``summary.strategy.<technique>.cache``: ``hit``,
+``built_by``, ``built_s`` and ``spared_s`` per phase, ``built_kwh`` / ``built_co2_kg``), whichever
+technique that is. Two honest views of its cost, both labelled:
 
 - **per run** (default): every job pays for the features it used, as if it had built them — the
-  cost of producing one result, which is what the precomputed-features study compares, so a warm
+  cost of producing one result, which is what a study of reused features compares, so a warm
   re-run reports the saving of the cold run;
 - **amortised** (``effbench-compare --amortize``): each build is shared equally by the jobs in the
   comparison that used its entry (the builder included when it is there) — what a sweep or an
@@ -82,11 +83,19 @@ def build_energy(built_by: str | None, built_s: float) -> tuple[float | None, fl
     return kwh * share, (co2 * share if co2 is not None else None)
 
 
+def reused_work(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``cache`` record (with ``built_s``) of whichever technique's facts hold one, so every
+    technique that reuses cached work is charged the same way; None when none does."""
+    for facts in (summary.get("strategy") or {}).values():
+        cache = facts.get("cache") if isinstance(facts, dict) else None
+        if isinstance(cache, dict) and "built_s" in cache:
+            return cache
+    return None
+
+
 def cache_columns(summary: dict[str, Any]) -> dict[str, Any]:
     """The cache-cost columns of one run's row (empty for runs that used no feature cache)."""
-    strategy = summary.get("strategy") or {}
-    cache = next((v["cache"] for v in strategy.values() if isinstance(v, dict)
-                  and isinstance(v.get("cache"), dict) and "built_s" in v["cache"]), None)
+    cache = reused_work(summary)
     if cache is None:
         return {}
     row: dict[str, Any] = {ENTRY: (cache.get("keys") or {}).get("train"),

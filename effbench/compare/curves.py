@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
-RESAMPLED = "dynamic/resampled"  # 1 on epochs where the dynamic strategy resampled its subset
+# A technique that trains on a changing subset logs ``<technique>/resampled`` (1 on the epochs
+# where it drew a new one): read from whichever technique logs it.
+RESAMPLED = "resampled"
 
 
 @dataclass
@@ -49,9 +51,24 @@ def series_of(epochs: pd.DataFrame, column: str | tuple[str, str],
         return None
     values = epochs[names[0]] - epochs[names[1]] if len(names) == 2 else epochs[names[0]]
     values = values.dropna()
-    if best_so_far:  # the dynamic study's elitism: keep the best model seen so far
+    if best_so_far:  # elitism: keep the best model seen so far, as a study may report it
         values = values.cummin() if "loss" in names[0] else values.cummax()
     return values if len(values) else None
+
+
+def is_resampled_column(name: str) -> bool:
+    """``<technique>/resampled``: one technique's own marker (not ``val/x/resampled``)."""
+    technique, _, leaf = name.rpartition("/")
+    return leaf == RESAMPLED and bool(technique) and "/" not in technique
+
+
+def resampled_epochs(epochs: pd.DataFrame) -> set[int]:
+    """The epochs that any technique's ``<technique>/resampled`` column marks (value > 0)."""
+    marked: set[int] = set()
+    for column in epochs.columns:
+        if is_resampled_column(str(column)):
+            marked |= {int(e) for e in epochs.index[epochs[column].fillna(0) > 0]}
+    return marked
 
 
 def config_curve(run_dirs: list[str], column: str | tuple[str, str],
@@ -64,8 +81,7 @@ def config_curve(run_dirs: list[str], column: str | tuple[str, str],
         values = series_of(epochs, column, best_so_far)
         if values is not None:
             per_run.append(values)
-        if RESAMPLED in epochs:
-            resampled |= {int(e) for e in epochs.index[epochs[RESAMPLED].fillna(0) > 0]}
+        resampled |= resampled_epochs(epochs)
     if not per_run:
         return None
     table = pd.concat(per_run, axis=1)

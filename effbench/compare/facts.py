@@ -8,11 +8,11 @@ from typing import Any
 
 DENSE_SIZE = "size_bytes"
 # The size that matters, in order of preference; the first key found wins, else the dense size.
-# A technique that combines others (pruned and quantized, …) should write size_bytes_effective.
+# A technique that combines others (sparse and quantized, …) should write size_bytes_effective.
 EFFECTIVE_SIZE_KEYS = (
     "size_bytes_effective",   # a technique's own statement of its deployable size
-    "size_bytes_int8",        # qat: the converted int8 model
-    "size_bytes_compressed",  # prune: zeros only save space once the file is compressed
+    "size_bytes_int8",        # a technique that quantizes: the converted int8 model
+    "size_bytes_compressed",  # one that zeroes weights: zeros only save space once compressed
 )
 # energy.mode values that are estimates rather than readings (when energy.estimated is absent).
 ESTIMATED_MODES = ("tdp_estimate", "model", "constant")

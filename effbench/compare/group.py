@@ -12,15 +12,16 @@ from effbench.compare import stats
 from effbench.compare.keys import CHOICE_KEYS, canon
 from effbench.compare.load import EFFECTIVE_SIZE, UNSET
 from effbench.compare.precision import with_setup
+from effbench.config import default_choice
 from effbench.errors import EffbenchError
 
 # CO₂ of the phases of TIME (train, BN adaptation, extraction); the whole job's is energy.co2_kg.
 TIME, CO2 = "train_s", "train_co2_kg"
-# SIZE is what Δ size uses: compressed for prune, int8 for qat, dense otherwise (facts.py).
+# SIZE is what Δ size uses: the size a technique states it saves (compressed, int8), else the
+# dense one (facts.py).
 PARAMS, SIZE, DENSE_SIZE = "model.params_trainable", EFFECTIVE_SIZE, "model.size_bytes"
 ALWAYS = [TIME, "time_s.total", CO2, "energy.co2_kg", "energy.kwh", PARAMS, "model.params_total",
           SIZE, DENSE_SIZE, "epochs"]
-DEFAULT_BASELINE = "strategy=finetune"
 ESTIMATED = "energy_estimated"  # per configuration: some run's energy is an estimate
 
 
@@ -89,7 +90,7 @@ def parse_baseline(specs: list[str]) -> dict[str, str]:
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise EffbenchError(f"--baseline {item} is not KEY=VALUE; write e.g. "
-                                    f"--baseline {DEFAULT_BASELINE}.")
+                                    f"--baseline {default_baseline()}.")
             out[key.strip()] = canon(value)
     return out
 
@@ -123,12 +124,18 @@ def aggregate(runs: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
     return table.reset_index()
 
 
+def default_baseline() -> str:
+    """``strategy=<the config's default strategy>``: what every other technique is measured
+    against unless ``--baseline`` says otherwise (conf/config.yaml, never a name written here)."""
+    return f"strategy={default_choice('strategy')}"
+
+
 def resolve_baseline(runs: pd.DataFrame, specs: list[str] | None,
                      keys: list[str]) -> dict[str, str]:
-    """The explicit ``--baseline`` (it must match a completed run), else ``strategy=finetune``
-    when the strategy varies and finetune runs exist, else none."""
+    """The explicit ``--baseline`` (it must match a completed run), else the default strategy's
+    runs (``default_baseline``) when the strategy varies and such runs exist, else none."""
     explicit = bool(specs)
-    baseline = parse_baseline(specs or [DEFAULT_BASELINE])
+    baseline = parse_baseline(specs or [default_baseline()])
     done = runs[runs["status"] == "completed"]
     for key, value in baseline.items():
         if key not in runs.attrs["config_keys"]:
@@ -143,7 +150,7 @@ def resolve_baseline(runs: pd.DataFrame, specs: list[str] | None,
             raise EffbenchError(f"--baseline {key}={value} matches no completed run; "
                                 f"{key} has {have}.")
     if not explicit and not set(baseline) & set(keys):
-        return {}  # every run is finetune: comparing each configuration with itself says nothing
+        return {}  # every run is the baseline: comparing a configuration with itself says nothing
     return baseline
 
 
@@ -181,7 +188,8 @@ def match_score(row: pd.Series, base: pd.Series, match: list[str]) -> int | None
 def find_baseline(row: pd.Series, bases: pd.DataFrame, match: list[str],
                   name: str) -> tuple[int | None, str]:
     """``(index of the baseline row, "")`` or ``(None, why not)``. Keys that only one side sets
-    (``strategy.alpha`` of a dynamic run vs finetune) are ignored: the other ran the default."""
+    (a technique's own ``strategy.alpha`` vs a baseline without it) are ignored: the other ran
+    the default."""
     scores = {i: match_score(row, b, match) for i, b in bases.iterrows()}
     scores = {i: sc for i, sc in scores.items() if sc is not None}
     if not scores:  # name the keys that ruled every candidate out, with this row's values
@@ -284,7 +292,7 @@ def compare(runs: pd.DataFrame, metric: str | None = None, by: list[str] | None 
 
 
 def label(row: pd.Series | dict, keys: list[str]) -> str:
-    """``freeze, lr=0.0001``: group choices by value, overrides as short ``key=value``."""
+    """``a+b, lr=0.0001``: group choices by value, overrides as short ``key=value``."""
     shorts = [k.rsplit(".", 1)[-1] for k in keys]
     parts = []
     for key, short in zip(keys, shorts):
@@ -295,7 +303,7 @@ def label(row: pd.Series | dict, keys: list[str]) -> str:
 
 def study_lines(comp: Comparison) -> list[str]:
     """The studies' sentence per compared value: mean (± std over configurations) of the deltas,
-    e.g. ``precomputed vs finetune: test/acc +0.27 pp (±3.48), time −87.8 % (±5.6), …``."""
+    e.g. ``a vs base: test/acc +0.27 pp (±3.48), time −87.8 % (±5.6), …``."""
     if not comp.baseline or "d_metric_pp" not in comp.table:
         return []
     t = comp.table[~comp.table["baseline"] & comp.table["d_metric_pp"].notna()]

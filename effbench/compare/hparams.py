@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from effbench.compare.keys import train_time
+from effbench.config import techniques
 
 log = logging.getLogger(__name__)
 PREFIX = "final/"  # distinct tags: the per-epoch curves keep their own names and steps
@@ -62,8 +63,8 @@ def config_hparams(cfg: Any) -> dict[str, Any]:
     optimizer = OmegaConf.select(cfg, "optim.optimizer._target_", default=None)
     if optimizer:  # torch.optim.Adam → Adam
         params["optim.optimizer.class"] = str(optimizer).rsplit(".", 1)[-1]
-    stack = cfg.get("strategy")  # freeze+prune, as summary.choices and the run dir name it
-    params["strategy"] = "+".join(str(k) for k in (stack.keys() if stack else [])) or "finetune"
+    # a+b for strategy=[a,b], as summary.choices and the run dir name it
+    params["strategy"] = techniques(cfg.get("strategy"))
     return {k: ("null" if v is None else v) for k, v in params.items()}
 
 

@@ -8,9 +8,10 @@ from typing import Any
 # Config groups recorded in ``summary["choices"]`` (their ``group=option`` overrides say the same).
 CHOICE_KEYS = ("strategy", "backbone", "dataset", "hardware", "experiment")
 # Phases that are not training: the study's "training time" leaves data loading and testing out.
-# Phases that produce the trained model: training itself, and for precomputed the BN adaptation
-# and feature extraction (the study counts them). Conversion, export, int8 evaluation, latency
-# timing, compression and testing have their own keys and are not training.
+# Phases that produce the trained model: training itself, and for a technique that trains on a
+# backbone's cached features the BN adaptation and feature extraction (the studies count them).
+# Conversion, export, int8 evaluation, latency timing, compression and testing have their own
+# keys and are not training.
 TRAIN_PHASES = ("train", "bn_adapt", "extract")
 
 
@@ -45,8 +46,8 @@ def config_of(summary: dict[str, Any]) -> dict[str, str]:
 
 
 def train_time(time_s: dict[str, float]) -> float | None:
-    """Time spent producing the model: ``train`` (+ BN adaptation and feature extraction, as in
-    the precomputed-features study); never conversion, latency timing or evaluation."""
+    """Time spent producing the model: ``train`` (+ BN adaptation and feature extraction, as a
+    study of cached features counts them); never conversion, latency timing or evaluation."""
     phases = [time_s[k] for k in TRAIN_PHASES if time_s.get(k) is not None]
     return sum(phases) if phases else time_s.get("total")
 

@@ -1,9 +1,9 @@
-"""The cost of a hyper-parameter search, side by side: the precomputed-features study's
-"N× faster" figure (K combinations tuned with ``finetune`` vs with ``precomputed``).
+"""The cost of a hyper-parameter search, side by side: the studies' "N× faster" figure (K
+combinations tuned with the default strategy vs with a cheaper technique).
 
 One row per value of ``key`` (e.g. ``strategy``): the K completed jobs, their summed training time
-(``train`` + BN adaptation + feature extraction, as the study counts it; a cache-hit job pays no
-extraction) and whole-job time, and the best job by the validation metric — a search picks its
+(``train`` + BN adaptation + feature extraction, as the studies count it; a cache-hit job pays
+no extraction) and whole-job time, and the best job by the validation metric — a search picks its
 winner on validation data, never on the test set.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from effbench.config import default_choice
 from effbench.errors import EffbenchError
 
 
@@ -35,7 +36,10 @@ def search_cost(runs: pd.DataFrame, key: str, metric: str | None = None) -> pd.D
     return pd.DataFrame(rows)
 
 
-def search_text(table: pd.DataFrame, key: str, baseline: str = "finetune") -> str:
+def search_text(table: pd.DataFrame, key: str, baseline: str | None = None) -> str:
+    """The table, then one "N× faster" line per search against ``baseline`` (default: the
+    config's default strategy, conf/config.yaml) when the table has a row for it."""
+    baseline = baseline or default_choice("strategy")
     lines = [f"search cost by {key} (sum over the K jobs of each search):",
              table.drop(columns=["best run"]).to_string(index=False, float_format=lambda v:
                                                          f"{v:.4g}")]

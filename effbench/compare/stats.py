@@ -46,7 +46,8 @@ RESAMPLES = 2000
 SEED = 20240521
 CONFIDENCE = 0.95
 CHUNK = 250  # resamples per weight matrix (memory: CHUNK × test samples)
-# Test metrics computed from predictions: ``test/<name>`` (``int8/test/<name>``: qat's int8 model).
+# Test metrics computed from predictions: ``test/<name>`` (``int8/test/<name>``: a converted int8
+# model's).
 METRICS = ("acc", "f1_macro", "auroc_macro")
 VERDICTS = ("superior", "non-inferior", "inconclusive", "inferior")
 
@@ -252,7 +253,7 @@ def compare_sides(a: dict[str, list[Predictions]], b: dict[str, list[Predictions
     array, name = source
     runs = [p for side in (a, b) for ps in side.values() for p in ps]
     if array == "int8_probs" and any(p.int8_probs is None for ps in a.values() for p in ps):
-        out.why = f"{names[0]} has no int8 predictions ({metric} is qat's int8 model)"
+        out.why = f"{names[0]} has no int8 predictions ({metric} is a converted int8 model's)"
         return out
     if len({p.ids_sha256 for p in runs}) > 1:
         out.why = (f"{names[0]} and {names[1]} were not tested on the same images in the same "

@@ -6,9 +6,10 @@ on the validation loss, the best checkpoint is tested (the CheXNet study's recip
 
 from __future__ import annotations
 
-from effbench.technique import Technique
+from effbench.technique import Technique, register
 
 
+@register
 class Finetune(Technique):
     """Full fine-tuning; the reference every other technique is compared against."""
 

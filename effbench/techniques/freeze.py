@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 
 from effbench.backbones.base import Backbone
 from effbench.errors import EffbenchError
-from effbench.technique import Technique
+from effbench.technique import Technique, register
 
 if TYPE_CHECKING:
     from effbench.context import RunContext
@@ -280,6 +280,7 @@ def _is_int(v: Any, minimum: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
 
 
+@register
 class Freeze(Technique):
     """Freeze the stem and the first ``frozen_stages`` blocks (``all``: linear probe), keep the
     last ``unfreeze_last_layers`` layers trainable, optionally unfreeze more at
@@ -322,6 +323,14 @@ class Freeze(Technique):
                                         self.unfreeze_lr)
         self._timer = EpochTimer()
         self._start: dict[str, Any] = {}
+
+    @property
+    def unfreezes_during_fit(self) -> bool:  # the contract's declaration, from the options
+        return bool(self.unfreeze_at_epochs)
+
+    @property
+    def holds_batchnorm_in_eval(self) -> bool:
+        return self.frozen_bn_eval
 
     def check(self, ctx: RunContext) -> None:
         epochs = int(ctx.cfg.trainer.max_epochs)

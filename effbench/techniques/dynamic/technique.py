@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 from pytorch_lightning.callbacks import Callback
 
 from effbench.errors import EffbenchError
-from effbench.technique import Technique
+from effbench.technique import Technique, register
 from effbench.techniques.dynamic.sampling import DynamicSampling, SubsetSchedule, resolve_alpha
 
 if TYPE_CHECKING:
     from effbench.context import RunContext
 
 
+@register
 class Dynamic(Technique):
     """Selective-adaptive sampling of the training split (base scheme or adaptive variant)."""
 

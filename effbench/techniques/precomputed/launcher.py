@@ -157,7 +157,7 @@ def group_jobs(job_overrides: Sequence[Sequence[str]],
 
 def cache_ready(task: DictConfig) -> bool:
     """Whether the group's features can be loaded without decoding (an index hit)."""
-    from effbench.pipeline import build_techniques
+    from effbench.stack import build_techniques
 
     strategy = build_techniques(task.strategy)[0]
     return strategy.cached_parts(task) is not None
@@ -168,9 +168,9 @@ def pretrain(tasks: list[DictConfig], work_dir: Path) -> None:
     finds its trained head in ``effbench.techniques.precomputed.batched.PRETRAINED``."""
     import pytorch_lightning as pl
 
-    from effbench.pipeline import build_techniques
     from effbench.recipe import Recipe
     from effbench.run import build_run
+    from effbench.stack import build_techniques
     from effbench.system import ClassifierSystem
     from effbench.techniques.precomputed.batched import (
         PRETRAINED,

@@ -51,7 +51,7 @@ from effbench.compare.cost import build_energy
 from effbench.errors import EffbenchError
 from effbench.predictions import from_logits, sample_ids
 from effbench.summary import state_dict_bytes
-from effbench.technique import Technique
+from effbench.technique import Technique, register
 from effbench.techniques.precomputed.batched import PRETRAINED, job_key
 from effbench.techniques.precomputed.bn_adapt import BNAdaptResult, adapt_batchnorm, bn_state
 from effbench.techniques.precomputed.cache import (
@@ -148,6 +148,7 @@ def build_backbone_as_run_does(cfg: DictConfig) -> nn.Module:
         return instantiate(cfg.backbone, image_size=cfg.dataset.image_size)
 
 
+@register
 class Precomputed(Technique):
     """Frozen, BN-adapted backbone; features cached once per sweep; only the head trains."""
 

@@ -37,7 +37,7 @@ from effbench.errors import EffbenchError
 from effbench.model import cpu_latency_ms, zipped_state_dict_bytes
 from effbench.model.saved import SavedModel, network_model
 from effbench.summary import state_dict_bytes
-from effbench.technique import Technique
+from effbench.technique import Technique, register
 from effbench.techniques.prune.channel import (
     build_channel_pruner,
     channel_sparsity,
@@ -155,6 +155,11 @@ class GradualPruning(Callback):
     def finished(self, global_step: int) -> bool:
         """True once the final sparsity has been applied and one step trained with it."""
         return bool(self.schedules) and global_step > self.end_step
+
+    def checkpoint_ready(self, trainer: pl.Trainer) -> bool:
+        """The best checkpoint is chosen once the schedule reached its final sparsity, so the
+        model tested (and reported) is the pruned one, not a less sparse early epoch."""
+        return self.finished(trainer.global_step)
 
     def due(self, step: int) -> bool:
         if step == self.last_step or step < self.begin_step:
@@ -311,6 +316,7 @@ class ChannelPruning(GradualPruning):
         self.optimizers = []
 
 
+@register
 class Prune(Technique):
     """Gradual magnitude pruning (see the module docstring); composable with the shared fit."""
 
@@ -481,11 +487,6 @@ class Prune(Technique):
     def callbacks(self, ctx: RunContext) -> list[Callback]:
         assert self._pruner is not None, "configure_model runs before callbacks"
         return [self._pruner]
-
-    def best_checkpoint_ready(self, trainer: pl.Trainer) -> bool:
-        # The best checkpoint is chosen once the schedule reached its final sparsity, so the
-        # model tested (and reported) is the pruned one, not a less sparse early epoch.
-        return self._pruner is not None and self._pruner.finished(trainer.global_step)
 
     def headline(self, summary: dict[str, Any]) -> str | None:
         if self.structure == "channel":

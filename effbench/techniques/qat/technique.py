@@ -21,7 +21,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pytorch_lightning.callbacks import Callback
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,7 +30,7 @@ from effbench.model import cpu_latency_ms, module_bytes
 from effbench.model.int8 import lower_x86, padded_forward
 from effbench.model.saved import SavedModel, int8_graph_model
 from effbench.summary import state_dict_bytes
-from effbench.technique import Technique
+from effbench.technique import Technique, Train, register
 
 if TYPE_CHECKING:
     from effbench.context import RunContext
@@ -106,6 +105,7 @@ def quantized_weight_bytes(float_model: nn.Module, scope: str) -> int:
     return sum(m.weight.numel() * 4 for m in float_model.modules() if isinstance(m, types))
 
 
+@register
 class Qat(Technique):
     """Quantization-aware training (see the module docstring)."""
 
@@ -138,28 +138,28 @@ class Qat(Technique):
         self._deferred = False
 
     def incompatible(self, other: Technique) -> str | None:
-        if other.name == "freeze" and getattr(other, "unfreeze_at_epochs", None):
-            return ("gradual unfreezing changes which weights train after qat has exported the "
-                    "model graph; freeze a fixed set (strategy.freeze.unfreeze_at_epochs=[])")
+        if other.unfreezes_during_fit:
+            return (f"gradual unfreezing changes which weights train after {self.name} has "
+                    "exported the model graph; freeze a fixed set "
+                    f"(strategy.{other.name}.unfreeze_at_epochs=[])")
         return None
 
     def check(self, ctx: RunContext) -> None:
         # Stacked after a technique whose model changes are hooks (prune's masks), QAT is a
-        # second phase: that technique trains first, its changes are made permanent, then QAT
-        # fine-tunes the result (finetune_epochs) and converts it to int8.
+        # second phase (refit): that technique trains first, the pipeline makes its changes
+        # permanent, then QAT fine-tunes the result (finetune_epochs) and converts it to int8.
         self._deferred = any(t.reparametrizes for t in ctx.techniques if t is not self)
         if self.finetune_epochs is not None and not self._deferred:
             raise EffbenchError("strategy.qat.finetune_epochs only takes effect after another "
                                 "technique's training phase (strategy=[prune,qat]); alone, QAT "
                                 "runs through trainer.max_epochs: remove it.")
-        frozen_bn = [t for t in ctx.techniques if t.name == "freeze"
-                     and getattr(t, "frozen_bn_eval", False)]
-        if frozen_bn and _frozen_batchnorm(ctx.system.backbone):
-            raise EffbenchError("strategy=[freeze,qat]: QAT folds BatchNorm into the "
+        held = next((t for t in ctx.techniques if t.holds_batchnorm_in_eval), None)
+        if held is not None and _frozen_batchnorm(ctx.system.backbone):
+            raise EffbenchError(f"strategy=[{held.name},{self.name}]: QAT folds BatchNorm into the "
                                 "fake-quantized convolutions of the exported graph, where frozen "
                                 "BatchNorm layers cannot stay in eval mode; set "
-                                "strategy.freeze.frozen_bn_eval=false (their running statistics "
-                                "then adapt) or run freeze alone.")
+                                f"strategy.{held.name}.frozen_bn_eval=false (their running "
+                                f"statistics then adapt) or run {held.name} alone.")
 
     def configure_model(self, ctx: RunContext) -> None:
         _import_torchao()
@@ -184,20 +184,15 @@ class Qat(Technique):
                 backbone.frozen_prefix = prefix
         system.head = nn.Identity()
 
-    def post_fit(self, ctx: RunContext) -> None:
-        """[prune,qat]: the pruned model (zeros kept) is fine-tuned with fake quantization."""
+    def refit(self, ctx: RunContext, train: Train) -> None:
+        """[prune,qat]: the pruned model (settled; its zeros kept by ``train``) is fine-tuned
+        with fake quantization."""
         if not self._deferred:
             return
-        for t in ctx.techniques:
-            t.settle(ctx)
-        zeros = [z for t in ctx.techniques for z in t.kept_zeros()]
         self._prepare(ctx)
         epochs = self.finetune_epochs or max(1, int(ctx.cfg.trainer.max_epochs) // 4)
         self.finetune_epochs = epochs
-        from effbench.pipeline import fit_and_test
-
-        fit_and_test(ctx, [self], ctx.recipe, [KeepZeros(zeros)], subdir="qat",
-                     max_epochs=epochs)
+        train([], subdir="qat", max_epochs=epochs)
 
     def headline(self, summary: dict[str, Any]) -> str | None:
         s, m = self.facts(summary), summary["model"]
@@ -277,19 +272,6 @@ class Qat(Technique):
                                                                       dm.task)
         return {"int8_metrics": scalars, "int8_per_class": per_class,
                 "int8_agreement": agreement(torch.cat(fq_all), torch.cat(q_all), dm.task)}
-
-
-class KeepZeros(Callback):
-    """Weights an earlier technique fixed at zero (pruning) stay zero while QAT fine-tunes."""
-
-    def __init__(self, zeros: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.zeros = zeros
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        with torch.no_grad():
-            for weight, zero in self.zeros:
-                weight.masked_fill_(zero.to(weight.device), 0.0)
 
 
 def _progress(ctx: RunContext) -> bool:
