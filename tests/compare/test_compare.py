@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from hydra.utils import get_class
 from PIL import Image
 
 from effbench.compare import paired_comparison
@@ -19,15 +21,26 @@ from effbench.compare.curves import config_curve
 from effbench.compare.group import compare
 from effbench.compare.load import load_runs, train_time
 from effbench.compare.stats import VERDICTS
-from tests.compare.conftest import fake_run
+from tests.compare.conftest import BASE, CACHED, PARTIAL, fake_run
 from tests.conftest import CONF, FAST, assert_predictions, run_cli
 from tests.helpers.cli import run_compare
 
 SWEEP = ["dataset=synthetic", "dataset.num_train=96", "dataset.num_val=32", "dataset.num_test=32",
          "dataset.batch_size=32", "trainer.max_epochs=1", "tracking.energy=false", *FAST]
-# Any strategy besides finetune that exists (others land in parallel); else sweep the lr.
-SECOND = next((s for s in ("freeze", "prune", "qat", "dynamic")
-               if (CONF / "strategy" / f"{s}.yaml").is_file()), None)
+
+
+def second_strategy() -> str | None:
+    """A strategy besides the default that trains in the shared loop: of those, the one a stack
+    places first (others land in parallel); None: sweep the lr instead."""
+    found = []
+    for path in sorted((CONF / "strategy").glob("*.yaml")):
+        name = path.stem  # each option's keys live under its own name
+        node = (yaml.safe_load(path.read_text()) or {}).get(name)
+        if name != BASE and isinstance(node, dict) and "_target_" in node:
+            technique = get_class(node["_target_"])
+            if not technique.replaces_loop:
+                found.append((technique.order, name))
+    return min(found)[1] if found else None
 
 
 def compare_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -51,8 +64,9 @@ def assert_png(path: Path) -> None:
 
 @pytest.mark.slow
 def test_real_sweep_table_matches_summaries(tmp_path: Path) -> None:
-    if SECOND:
-        axis, baseline, key = [f"strategy=finetune,{SECOND}"], [], "strategy"
+    second = second_strategy()
+    if second:
+        axis, baseline, key = [f"strategy={BASE},{second}"], [], "strategy"
     else:
         axis, key = ["optim.optimizer.lr=1e-3,1e-2"], "optim.optimizer.lr"
         baseline = ["--baseline", "optim.optimizer.lr=1e-3"]
@@ -67,12 +81,12 @@ def test_real_sweep_table_matches_summaries(tmp_path: Path) -> None:
     for path in sweep.rglob("summary.json"):
         s = json.loads(path.read_text())
         assert s["status"] == "completed", s["error"]
-        value = s["choices"]["strategy"] if SECOND else str(float(s["strategy"]["lr"]))
+        value = s["choices"]["strategy"] if second else str(float(s["strategy"]["lr"]))
         rows.append({"cfg": value, "acc": s["metrics"]["test/acc"],
                      "train": train_time(s["time_s"]), "params": s["model"]["params_trainable"],
                      "size": s["model"]["size_bytes"]})
     exp = pd.DataFrame(rows).groupby("cfg").agg(["mean", "std"])
-    base_cfg, other_cfg = ("finetune", SECOND) if SECOND else ("0.001", "0.01")
+    base_cfg, other_cfg = (BASE, second) if second else ("0.001", "0.01")
 
     table = pd.read_csv(sweep / "compare" / "compare.csv", dtype={key: str}).set_index(key)
     assert list(table["n"]) == [2, 2]
@@ -97,7 +111,7 @@ def test_real_sweep_table_matches_summaries(tmp_path: Path) -> None:
     assert f"{d['d_metric_pp']:+.2f}".replace("-", "−") in res.stdout
     assert f"×{d['speedup']:.2f}" in res.stdout
 
-    # Every run kept its predictions; the paired interval and verdict against finetune (two
+    # Every run kept its predictions; the paired interval and verdict against the baseline (two
     # seeds a side: the two-level bootstrap) are in the CSV, the table and the technique's line.
     for path in sweep.rglob("summary.json"):
         assert_predictions(path.parent, json.loads(path.read_text()))
@@ -115,7 +129,7 @@ def test_real_sweep_table_matches_summaries(tmp_path: Path) -> None:
     assert len(pd.read_csv(out / "runs.csv")) == 4
     pngs = ["metric_vs_time", "params_time_metric", "learning_curves", "train_val_gap",
             "pareto_time", "pareto_size"]
-    if not SECOND:
+    if not second:
         pngs.append("metric_vs_optim.optimizer.lr")
     for name in pngs:
         assert_png(out / f"{name}.png")
@@ -147,14 +161,14 @@ def test_failed_job_is_listed(tmp_path: Path) -> None:
 
 @pytest.fixture
 def study(tmp_path: Path) -> Path:
-    """finetune vs precomputed on two backbones' worth of lr values, two seeds each."""
+    """The default strategy vs a cheaper one on two lr values, two seeds each."""
     root = tmp_path / "sweep"
     for lr, ft_acc in (("1e-3", 0.90), ("0.01", 0.80)):
         for seed in (0, 1):
-            fake_run(root, f"ft_{lr}_{seed}", "finetune", seed, ft_acc + 0.02 * seed, 10.0,
+            fake_run(root, f"ft_{lr}_{seed}", BASE, seed, ft_acc + 0.02 * seed, 10.0,
                      co2=1e-3, params=1000, size=4000, overrides=(f"strategy.lr={lr}",),
                      curve=[(0.5, 0.6, 0), (0.9, 0.7, 0)])
-            fake_run(root, f"pc_{lr}_{seed}", "precomputed", seed, ft_acc + 0.01 + 0.04 * seed,
+            fake_run(root, f"pc_{lr}_{seed}", CACHED, seed, ft_acc + 0.01 + 0.04 * seed,
                      1.25, co2=2.5e-4, params=100, size=4000, overrides=(f"strategy.lr={lr}",),
                      curve=[(0.4, 0.5, 0), (0.8, 0.4, 1), (0.9, 0.8, 0)])
     return root
@@ -168,7 +182,7 @@ def test_deltas_in_the_studies_form(study: Path, tmp_path: Path,
     text = capsys.readouterr().out
     table = pd.read_csv(tmp_path / "out" / "compare.csv", dtype={"strategy.lr": str})
     assert set(table["strategy.lr"]) == {"0.001", "0.01"}  # 1e-3 and 0.001 are one value
-    pc = table[table["strategy"] == "precomputed"].set_index("strategy.lr")
+    pc = table[table["strategy"] == CACHED].set_index("strategy.lr")
     # acc: ft 0.90/0.92 vs pc 0.91/0.95 → +2 pp, paired per-seed diffs 1 and 3 pp → std √2
     assert pc.loc["0.001", "d_metric_pp"] == pytest.approx(2.0)
     assert pc.loc["0.001", "d_metric_pp_std"] == pytest.approx(2 ** 0.5)
@@ -179,7 +193,7 @@ def test_deltas_in_the_studies_form(study: Path, tmp_path: Path,
     assert pc["d_params_pct"].tolist() == pytest.approx([-90.0, -90.0])
     assert pc["d_size_pct"].tolist() == pytest.approx([0.0, 0.0])
     assert "×8.00" in text and "−87.5 %" in text and "−75.0 %" in text and "+2.00 ± 1.41" in text
-    assert ("precomputed vs finetune (2 configurations): test/acc +2.00 pp (±0.00), "
+    assert (f"{CACHED} vs {BASE} (2 configurations): test/acc +2.00 pp (±0.00), "
             "training time −87.50 % (±0.00), speed-up ×8.00") in text
     for name in ("metric_vs_time", "params_time_metric", "co2", "learning_curves",
                  "train_val_gap", "metric_vs_strategy.lr"):
@@ -192,7 +206,7 @@ def test_default_out_sort_and_by(study: Path, capsys: pytest.CaptureFixture) -> 
     text = capsys.readouterr().out
     assert (study / "compare" / "compare.md").is_file()
     table = pd.read_csv(study / "compare" / "compare.csv")
-    assert list(table["strategy"]) == ["precomputed"] * 2 + ["finetune"] * 2  # fastest first
+    assert list(table["strategy"]) == [CACHED] * 2 + [BASE] * 2  # fastest first
     # The lr varies within each strategy: its values stay apart, only seeds are averaged.
     assert list(table["n"]) == [2, 2, 2, 2] and "strategy.lr" in table
     assert "grouped by strategy, strategy.lr" in text and "also grouped by strategy.lr" in text
@@ -207,7 +221,7 @@ def test_glob_paths_and_metric(study: Path, tmp_path: Path) -> None:
 
 def test_multilabel_defaults_to_macro_auroc(tmp_path: Path) -> None:
     for seed in (0, 1):
-        fake_run(tmp_path, f"r{seed}", "finetune", seed, 0.5, 1.0, task="multilabel")
+        fake_run(tmp_path, f"r{seed}", BASE, seed, 0.5, 1.0, task="multilabel")
     assert compare(load_runs([str(tmp_path)])).metric == "test/auroc_macro"
 
 
@@ -225,7 +239,7 @@ def test_curves_best_so_far_gap_and_resampling(study: Path, tmp_path: Path) -> N
 
 
 def test_failed_runs_are_listed_not_dropped(study: Path, capsys: pytest.CaptureFixture) -> None:
-    fake_run(study, "broken", "finetune", 2, 0.0, 1.0, status="failed",
+    fake_run(study, "broken", BASE, 2, 0.0, 1.0, status="failed",
              overrides=("strategy.lr=1e-3",))
     with pytest.raises(SystemExit):
         main([str(study), "--no-plots"])
@@ -236,8 +250,9 @@ def test_failed_runs_are_listed_not_dropped(study: Path, capsys: pytest.CaptureF
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--baseline", "strategy=freeze"],
-     "--baseline strategy=freeze matches no completed run; strategy has finetune, precomputed."),
+    (["--baseline", f"strategy={PARTIAL}"],
+     f"--baseline strategy={PARTIAL} matches no completed run; strategy has "
+     f"{', '.join(sorted((BASE, CACHED)))}."),
     (["--baseline", "optimizer=sgd"], "--baseline key optimizer is not a config key"),
     (["--baseline", "strategy"], "--baseline strategy is not KEY=VALUE"),
     (["--metric", "test/nope"], "metric test/nope is in no completed run; use --metric with one"),
@@ -285,7 +300,7 @@ def test_hparams_reach_tensorboard(tmp_path: Path) -> None:
     acc, content = found
     start = plugin_data_pb2.HParamsPluginData.FromString(
         content["_hparams_/session_start_info"]).session_start_info.hparams
-    assert start["strategy"].string_value == "finetune"
+    assert start["strategy"].string_value == BASE
     assert start["optim.optimizer.lr"].number_value == pytest.approx(0.01)
     assert start["seed"].number_value == 0
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
@@ -297,7 +312,7 @@ def test_hparams_reach_tensorboard(tmp_path: Path) -> None:
 
 
 def test_all_failed_is_an_error_naming_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    fake_run(tmp_path, "a", "finetune", 0, 0.0, 1.0, status="failed")
+    fake_run(tmp_path, "a", BASE, 0, 0.0, 1.0, status="failed")
     with pytest.raises(SystemExit) as done:
         main([str(tmp_path), "--no-plots"])
     assert done.value.code != 0
@@ -326,14 +341,14 @@ def test_interval_and_verdict_from_predictions(tmp_path: Path,
     cheap = base.copy()
     cheap[np.flatnonzero(base)[::10]] = False  # 10 % of the right answers lost
     root = tmp_path / "sweep"
-    with_predictions(fake_run(root, "ft", "finetune", 0, base.mean(), 10.0), base)
-    with_predictions(fake_run(root, "fr", "freeze", 0, cheap.mean(), 2.0), cheap)
+    with_predictions(fake_run(root, "ft", BASE, 0, base.mean(), 10.0), base)
+    with_predictions(fake_run(root, "fr", PARTIAL, 0, cheap.mean(), 2.0), cheap)
     assert compare_run([str(root), "--no-plots", "--margin", "2pp"]) == 0
     text = capsys.readouterr().out
-    row = pd.read_csv(root / "compare" / "compare.csv").set_index("strategy").loc["freeze"]
+    row = pd.read_csv(root / "compare" / "compare.csv").set_index("strategy").loc[PARTIAL]
     assert row["verdict"] == "inferior" and row["p_value"] < 0.01 and row["d_hi"] < -2
     assert row["margin"] == 2.0 and row["n_samples"] == 400 and row["n_seeds"] == 1
-    assert "freeze vs finetune (1 configuration): test/acc −" in text
+    assert f"{PARTIAL} vs {BASE} (1 configuration): test/acc −" in text
     assert "… inferior at 2 pp (McNemar exact p = " in text
     assert "400 test samples, 1 vs 1 seeds" in text
 
@@ -352,11 +367,12 @@ def test_runs_without_predictions_or_on_other_images_get_no_interval(
     assert "no interval:" in text and "has no predictions.npz" in text
 
     root = tmp_path / "other"
-    with_predictions(fake_run(root, "ft", "finetune", 0, 0.9, 10.0), [True] * 50)
-    with_predictions(fake_run(root, "fr", "freeze", 0, 0.9, 2.0), [True] * 50, "another-split")
+    with_predictions(fake_run(root, "ft", BASE, 0, 0.9, 10.0), [True] * 50)
+    with_predictions(fake_run(root, "fr", PARTIAL, 0, 0.9, 2.0), [True] * 50, "another-split")
     assert compare_run([str(root), "--no-plots"]) == 0
     text = capsys.readouterr().out
-    assert "freeze: no interval: freeze and finetune were not tested on the same images" in text
+    assert (f"{PARTIAL}: no interval: {PARTIAL} and {BASE} were not tested on the same images"
+            in text)
 
 
 def test_seeds_counted_honestly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -365,16 +381,16 @@ def test_seeds_counted_honestly(tmp_path: Path, capsys: pytest.CaptureFixture) -
     root = tmp_path / "sweep"
     right = [True] * 40 + [False] * 10
     for name, seed in (("ft0", 0), ("ft0_again", 0), ("ft1", 1)):
-        with_predictions(fake_run(root, name, "finetune", seed, 0.8, 10.0), right)
+        with_predictions(fake_run(root, name, BASE, seed, 0.8, 10.0), right)
     for seed in (0, 1):
-        with_predictions(fake_run(root, f"fr{seed}", "freeze", seed, 0.8, 2.0), right)
+        with_predictions(fake_run(root, f"fr{seed}", PARTIAL, seed, 0.8, 2.0), right)
     assert compare_run([str(root), "--no-plots"]) == 0
     text = capsys.readouterr().out
     table = pd.read_csv(root / "compare" / "compare.csv").set_index("strategy")
-    assert table.loc["finetune", "n"] == 2 and table.loc["finetune", "repeats"] == 1
+    assert table.loc[BASE, "n"] == 2 and table.loc[BASE, "repeats"] == 1
     assert "2 (+1 repeat)" in text and "2 runs of seed 0 are repeats" in text
-    assert "freeze: seeds 0, 1 gave identical predictions" in text
-    assert table.loc["freeze", "n_seeds"] == 1 and table.loc["freeze", "n_seeds_baseline"] == 1
+    assert f"{PARTIAL}: seeds 0, 1 gave identical predictions" in text
+    assert table.loc[PARTIAL, "n_seeds"] == 1 and table.loc[PARTIAL, "n_seeds_baseline"] == 1
 
 
 def test_pareto_front_keeps_the_points_nothing_beats() -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from effbench.compare.facts import effective_size
 from effbench.compare.output import write_atomic
-from tests.compare.conftest import fake_run
+from tests.compare.conftest import BASE, CACHED, INT8, SPARSE, SUBSET, fake_run
 from tests.helpers.cli import run_compare
 
 COMPARE = Path(__file__).resolve().parents[2] / "effbench" / "compare"
@@ -61,15 +61,15 @@ def assert_one_sentence(res: subprocess.CompletedProcess, *parts: str) -> None:
 
 @pytest.fixture
 def alpha_sweep(tmp_path: Path) -> Path:
-    """dynamic over strategy.alpha vs finetune (which has no alpha), two seeds; one dynamic run
-    on a dataset that no finetune run used."""
+    """A technique over its own strategy.alpha vs the baseline (which has no alpha), two seeds;
+    one run of it on a dataset that no baseline run used."""
     root = tmp_path / "sweep"
     for seed in (0, 1):
-        run(root, f"ft_{seed}", "finetune", seed, acc=0.90 + 0.02 * seed, train=10.0)
+        run(root, f"ft_{seed}", BASE, seed, acc=0.90 + 0.02 * seed, train=10.0)
         for alpha, acc in (("0.3", 0.85), ("0.5", 0.88)):
-            run(root, f"dyn_{alpha}_{seed}", "dynamic", seed, acc=acc + 0.02 * seed, train=5.0,
+            run(root, f"dyn_{alpha}_{seed}", SUBSET, seed, acc=acc + 0.02 * seed, train=5.0,
                 overrides=(f"strategy.alpha={alpha}",))
-    run(root, "dyn_other", "dynamic", 0, dataset="other", overrides=("strategy.alpha=0.3",))
+    run(root, "dyn_other", SUBSET, 0, dataset="other", overrides=("strategy.alpha=0.3",))
     return root
 
 
@@ -78,28 +78,28 @@ def test_baseline_matches_on_keys_both_runs_set(alpha_sweep: Path, tmp_path: Pat
     assert res.returncode == 0, res.stderr
     table = csv_of(tmp_path / "o").set_index(["strategy", "dataset", "strategy.alpha"])
     for alpha, pp in (("0.3", -5.0), ("0.5", -2.0)):
-        row = table.loc[("dynamic", "synthetic", alpha)]
-        assert float(row["d_metric_pp"]) == pytest.approx(pp)  # alpha: only dynamic sets it
+        row = table.loc[(SUBSET, "synthetic", alpha)]
+        assert float(row["d_metric_pp"]) == pytest.approx(pp)  # alpha: only SUBSET sets it
         assert float(row["speedup"]) == pytest.approx(2.0)
-        assert row["compared_with"] == "finetune, synthetic" and row["no_baseline"] == ""
-    lonely = table.loc[("dynamic", "other", "0.3")]
+        assert row["compared_with"] == f"{BASE}, synthetic" and row["no_baseline"] == ""
+    lonely = table.loc[(SUBSET, "other", "0.3")]
     assert lonely["d_metric_pp"] == "" and lonely["compared_with"] == ""
-    assert lonely["no_baseline"] == "no finetune run with dataset=other"
+    assert lonely["no_baseline"] == f"no {BASE} run with dataset=other"
     assert "compared with" in res.stdout
-    assert "none: no finetune run with dataset=other" in res.stdout
+    assert f"none: no {BASE} run with dataset=other" in res.stdout
     assert "matched on the config keys both runs set" in res.stdout
 
 
 def test_ambiguous_baseline_is_explained(tmp_path: Path) -> None:
-    """A run that leaves the lr at its default, against finetune runs at two lrs: either could be
+    """A run that leaves the lr at its default, against baseline runs at two lrs: either could be
     the baseline, so neither is picked silently."""
     for lr in ("1e-3", "1e-2"):
-        run(tmp_path, f"ft_{lr}", "finetune", 0, overrides=(f"strategy.lr={lr}",))
-    run(tmp_path, "pc", "precomputed", 0)
+        run(tmp_path, f"ft_{lr}", BASE, 0, overrides=(f"strategy.lr={lr}",))
+    run(tmp_path, "pc", CACHED, 0)
     res = compare_cli([str(tmp_path), "--no-plots", "--out", str(tmp_path / "o")], tmp_path)
     assert res.returncode == 0, res.stderr
-    pc = csv_of(tmp_path / "o").set_index("strategy").loc["precomputed"]
-    assert pc["no_baseline"] == ("2 finetune configurations match (they differ in strategy.lr); "
+    pc = csv_of(tmp_path / "o").set_index("strategy").loc[CACHED]
+    assert pc["no_baseline"] == (f"2 {BASE} configurations match (they differ in strategy.lr); "
                                  "pin one with --baseline")
 
 
@@ -111,8 +111,8 @@ def test_by_keeps_other_varying_keys_apart(alpha_sweep: Path, tmp_path: Path) ->
                        str(tmp_path / "o")], tmp_path)
     assert res.returncode == 0, res.stderr
     table = csv_of(tmp_path / "o")
-    assert sorted(zip(table["strategy"], table["strategy.alpha"], table["n"])) == [
-        ("dynamic", "0.3", "2"), ("dynamic", "0.5", "2"), ("finetune", "default", "2")]
+    assert sorted(zip(table["strategy"], table["strategy.alpha"], table["n"])) == sorted([
+        (SUBSET, "0.3", "2"), (SUBSET, "0.5", "2"), (BASE, "default", "2")])
     assert "also grouped by strategy.alpha" in res.stdout
 
 
@@ -120,32 +120,32 @@ def test_by_keeps_other_varying_keys_apart(alpha_sweep: Path, tmp_path: Path) ->
 
 def test_delta_size_uses_the_effective_size(tmp_path: Path) -> None:
     for seed in (0, 1):
-        run(tmp_path, f"ft_{seed}", "finetune", seed, size=4000)
-        run(tmp_path, f"prune_{seed}", "prune", seed, size=4000,
+        run(tmp_path, f"ft_{seed}", BASE, seed, size=4000)
+        run(tmp_path, f"sparse_{seed}", SPARSE, seed, size=4000,
             patch={"model": {"size_bytes_compressed": 1200, "sparsity": 0.7}})
-        run(tmp_path, f"qat_{seed}", "qat", seed, size=4000,
+        run(tmp_path, f"int8_{seed}", INT8, seed, size=4000,
             patch={"model": {"size_bytes_fp32": 4000, "size_bytes_int8": 1000}})
         # The nested layout: one dict of facts per technique under summary["strategy"].
         run(tmp_path, f"nested_{seed}", "combo", seed, size=4000,
-            patch={"strategy": {"prune": {"sparsity": 0.5, "size_bytes_compressed": 2000},
+            patch={"strategy": {SPARSE: {"sparsity": 0.5, "size_bytes_compressed": 2000},
                                 "latency_ms": {"fp32": 1.0}}})
     res = compare_cli([str(tmp_path), "--no-plots", "--out", str(tmp_path / "o")], tmp_path)
     assert res.returncode == 0, res.stderr
     table = csv_of(tmp_path / "o").set_index("strategy")
-    expect = {"prune": (-70.0, 1200), "qat": (-75.0, 1000), "combo": (-50.0, 2000)}
+    expect = {SPARSE: (-70.0, 1200), INT8: (-75.0, 1000), "combo": (-50.0, 2000)}
     for strategy, (pct, size) in expect.items():
         assert float(table.loc[strategy, "d_size_pct"]) == pytest.approx(pct)
         assert float(table.loc[strategy, "model.size_bytes_effective"]) == size
         assert float(table.loc[strategy, "model.size_bytes"]) == 4000  # the dense column stays
-    assert table.loc["combo", "size_source"] == "strategy.prune.size_bytes_compressed"
-    assert table.loc["finetune", "size_source"] == "model.size_bytes"
+    assert table.loc["combo", "size_source"] == f"strategy.{SPARSE}.size_bytes_compressed"
+    assert table.loc[BASE, "size_source"] == "model.size_bytes"
     assert "eff. size MB" in res.stdout and "size MB" in res.stdout
 
 
 def test_effective_size_order_of_preference() -> None:
     both = {"model": {"size_bytes": 40, "size_bytes_compressed": 12},
-            "strategy": {"qat": {"model": {"size_bytes_int8": 10}}}}
-    assert effective_size(both) == (10.0, "strategy.qat.model.size_bytes_int8")
+            "strategy": {INT8: {"model": {"size_bytes_int8": 10}}}}
+    assert effective_size(both) == (10.0, f"strategy.{INT8}.model.size_bytes_int8")
     own = {"model": {"size_bytes": 40, "size_bytes_int8": 10}, "strategy": {
         "size_bytes_effective": 7}}
     assert effective_size(own) == (7.0, "strategy.size_bytes_effective")
@@ -158,29 +158,29 @@ def test_effective_size_order_of_preference() -> None:
 def test_estimated_energy_is_marked(tmp_path: Path) -> None:
     mode = {"cpu": "tdp_estimate", "gpu": None, "ram": "model"}
     for seed in (0, 1):
-        run(tmp_path, f"ft_{seed}", "finetune", seed, co2=1e-3,
+        run(tmp_path, f"ft_{seed}", BASE, seed, co2=1e-3,
             patch={"energy": {"mode": mode, "estimated": True}})
-        run(tmp_path, f"pc_{seed}", "precomputed", seed, co2=2.5e-4)  # older: no mode recorded
+        run(tmp_path, f"pc_{seed}", CACHED, seed, co2=2.5e-4)  # older: no mode recorded
     res = compare_cli([str(tmp_path), "--no-plots", "--out", str(tmp_path / "o")], tmp_path)
     assert res.returncode == 0, res.stderr
     lines = {line.split()[0]: line for line in res.stdout.splitlines()
-             if line.startswith(("finetune ", "precomputed ")) and " vs " not in line}
-    assert "1 ± 0*" in lines["finetune"]
-    assert "0.25 ± 0 " in lines["precomputed"] and "0.25 ± 0*" not in lines["precomputed"]
-    assert "−75.0 %*" in lines["precomputed"]  # its Δ CO₂ rests on the estimated baseline
+             if line.startswith((f"{BASE} ", f"{CACHED} ")) and " vs " not in line}
+    assert "1 ± 0*" in lines[BASE]
+    assert "0.25 ± 0 " in lines[CACHED] and "0.25 ± 0*" not in lines[CACHED]
+    assert "−75.0 %*" in lines[CACHED]  # its Δ CO₂ rests on the estimated baseline
     note = "* estimated from TDP, not measured (energy.mode cpu=tdp_estimate, ram=model)"
     assert note in res.stdout and "CO₂ −75.00 %*" in res.stdout  # the studies' line too
     assert note in (tmp_path / "o" / "compare.md").read_text()
     table = csv_of(tmp_path / "o").set_index("strategy")
-    assert table.loc["finetune", "energy_estimated"] == "True"
-    assert table.loc["precomputed", "energy_estimated"] == "False"
+    assert table.loc[BASE, "energy_estimated"] == "True"
+    assert table.loc[CACHED, "energy_estimated"] == "False"
 
 
 def test_measured_energy_has_no_marker(tmp_path: Path) -> None:
     for seed in (0, 1):
-        run(tmp_path, f"ft_{seed}", "finetune", seed, co2=1e-3,
+        run(tmp_path, f"ft_{seed}", BASE, seed, co2=1e-3,
             patch={"energy": {"mode": {"cpu": "rapl", "gpu": "nvml"}, "estimated": False}})
-        run(tmp_path, f"pc_{seed}", "precomputed", seed, co2=2.5e-4)
+        run(tmp_path, f"pc_{seed}", CACHED, seed, co2=2.5e-4)
     res = compare_cli([str(tmp_path), "--no-plots", "--out", str(tmp_path / "o")], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "*" not in res.stdout
@@ -195,7 +195,7 @@ def test_measured_energy_has_no_marker(tmp_path: Path) -> None:
 ])
 def test_a_file_that_is_not_a_summary_is_skipped_with_a_warning(
         tmp_path: Path, content: str, why: str) -> None:
-    run(tmp_path, "ft", "finetune", 0)
+    run(tmp_path, "ft", BASE, 0)
     bad = tmp_path / "bad" / "summary.json"
     bad.parent.mkdir()
     bad.write_text(content)
@@ -237,7 +237,7 @@ def _readonly_cli(sweep: Path, args: list[str], cwd: Path) -> subprocess.Complet
 
 def test_read_only_sweep_dir_suggests_out(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    run(sweep, "ft", "finetune", 0)
+    run(sweep, "ft", BASE, 0)
     res = _readonly_cli(sweep, ["--no-plots"], tmp_path)
     assert_one_sentence(res, str(sweep / "compare"), "--out DIR")
     # The same sweep compares fine into a folder elsewhere.
@@ -246,7 +246,7 @@ def test_read_only_sweep_dir_suggests_out(tmp_path: Path) -> None:
 
 
 def test_out_is_an_existing_file(tmp_path: Path) -> None:
-    run(tmp_path / "sweep", "ft", "finetune", 0)
+    run(tmp_path / "sweep", "ft", BASE, 0)
     (tmp_path / "taken").write_text("x")
     res = compare_cli([str(tmp_path / "sweep"), "--no-plots", "--out", str(tmp_path / "taken")],
                       tmp_path)
@@ -267,9 +267,9 @@ def test_no_summaries_found(tmp_path: Path, arg: str) -> None:
 
 def test_outputs_are_replaced_atomically_with_the_umask(tmp_path: Path) -> None:
     for seed in (0, 1):
-        run(tmp_path / "sweep", f"ft_{seed}", "finetune", seed, co2=1e-3,
+        run(tmp_path / "sweep", f"ft_{seed}", BASE, seed, co2=1e-3,
             curve=[(0.5, 0.6, 0), (0.9, 0.7, 0)])
-        run(tmp_path / "sweep", f"pc_{seed}", "precomputed", seed, co2=5e-4,
+        run(tmp_path / "sweep", f"pc_{seed}", CACHED, seed, co2=5e-4,
             curve=[(0.5, 0.6, 0), (0.9, 0.7, 0)])
     out = tmp_path / "o"
     out.mkdir()
@@ -324,7 +324,7 @@ def test_compare_does_not_import_the_runner() -> None:
 
 def test_metric_val_acc_max_and_close_matches(tmp_path: Path) -> None:
     for seed in (0, 1):
-        for strategy, best in (("finetune", 0.93), ("precomputed", 0.95)):
+        for strategy, best in ((BASE, 0.93), (CACHED, 0.95)):
             run(tmp_path / "sweep", f"{strategy}_{seed}", strategy, seed,
                 patch={"metrics": {"test/acc": 0.9, "val/acc_max": best + 0.01 * seed}})
     out = tmp_path / "o"
@@ -332,7 +332,7 @@ def test_metric_val_acc_max_and_close_matches(tmp_path: Path) -> None:
                        "--out", str(out)], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "metric val/acc_max" in res.stdout and "Δ acc_max pp" in res.stdout
-    pc = csv_of(out).set_index("strategy").loc["precomputed"]
+    pc = csv_of(out).set_index("strategy").loc[CACHED]
     assert float(pc["val/acc_max"]) == pytest.approx(0.955)
     assert float(pc["d_metric_pp"]) == pytest.approx(2.0)
     res = compare_cli([str(tmp_path / "sweep"), "--metric", "val/acc_mx", "--no-plots",

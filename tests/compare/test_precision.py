@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from tests.compare.conftest import fake_run
+from tests.compare.conftest import BASE, CACHED, fake_run
 from tests.helpers.cli import run_compare
 
 
@@ -41,25 +41,25 @@ def warning_lines(text: str) -> list[str]:
 
 
 def test_delta_across_precisions_is_flagged(tmp_path: Path) -> None:
-    # Study 000 on an RTX 4060: fine-tuning in bf16-mixed, precomputed always in fp32.
-    run(tmp_path, "ft", "finetune", "bf16-mixed", train=20.0)
-    run(tmp_path, "pc", "precomputed", "32", train=2.0)   # Lightning's "32" is 32-true
+    # Study 000 on an RTX 4060: the baseline in bf16-mixed, the cached-features head always fp32.
+    run(tmp_path, "ft", BASE, "bf16-mixed", train=20.0)
+    run(tmp_path, "pc", CACHED, "32", train=2.0)   # Lightning's "32" is 32-true
     res, table = compare(tmp_path)
     rows = table.set_index("strategy")
-    assert rows.loc["finetune", "precision"] == "bf16-mixed"
-    assert rows.loc["precomputed", "precision"] == "32-true"
-    assert rows.loc["precomputed", "mixed_setup"] == "precision 32-true vs bf16-mixed"
-    pc_line = next(line for line in res.stdout.splitlines() if line.startswith("precomputed "))
+    assert rows.loc[BASE, "precision"] == "bf16-mixed"
+    assert rows.loc[CACHED, "precision"] == "32-true"
+    assert rows.loc[CACHED, "mixed_setup"] == "precision 32-true vs bf16-mixed"
+    pc_line = next(line for line in res.stdout.splitlines() if line.startswith(f"{CACHED} "))
     assert "32-true" in pc_line and "−90.0 %†" in pc_line  # the Δ time cell carries the marker
     [line] = warning_lines(res.stdout)
-    assert "precomputed vs finetune: precision 32-true vs bf16-mixed" in line
+    assert f"{CACHED} vs {BASE}: precision 32-true vs bf16-mixed" in line
     assert "hardware.precision" in line
     assert len(warning_lines((tmp_path / "o" / "compare.md").read_text())) == 1
 
 
 def test_same_precision_and_device_is_not_flagged(tmp_path: Path) -> None:
-    run(tmp_path, "ft", "finetune", "32-true")
-    run(tmp_path, "pc", "precomputed", "32-true")
+    run(tmp_path, "ft", BASE, "32-true")
+    run(tmp_path, "pc", CACHED, "32-true")
     res, table = compare(tmp_path)
     assert "†" not in res.stdout and set(table["precision"]) == {"32-true"}
 
@@ -68,8 +68,8 @@ def test_hardware_comparison_flags_only_the_precision_that_changed_with_it(
         tmp_path: Path) -> None:
     # Study 004's Fig. 12: 1 GPU vs 4×P100. The hardware is what is compared (hardware= differs),
     # but the DDP preset's 16-mixed against the single GPU's fp32 is flagged.
-    run(tmp_path, "one", "finetune", "32-true", "Tesla V100S", 1, "auto")
-    run(tmp_path, "four", "finetune", "16-mixed", "Tesla P100", 4, "p100x4_ddp")
+    run(tmp_path, "one", BASE, "32-true", "Tesla V100S", 1, "auto")
+    run(tmp_path, "four", BASE, "16-mixed", "Tesla P100", 4, "p100x4_ddp")
     res, table = compare(tmp_path, "--baseline", "hardware=auto")
     rows = table.set_index("hardware")
     assert rows.loc["p100x4_ddp", "mixed_setup"] == "precision 16-mixed vs 32-true"
@@ -85,9 +85,9 @@ def test_hardware_comparison_flags_only_the_precision_that_changed_with_it(
 
 
 def test_same_config_on_two_machines_is_flagged(tmp_path: Path) -> None:
-    run(tmp_path, "ft", "finetune", "32-true", "Tesla T4")
-    run(tmp_path, "pc", "precomputed", "32-true", "NVIDIA H100")
+    run(tmp_path, "ft", BASE, "32-true", "Tesla T4")
+    run(tmp_path, "pc", CACHED, "32-true", "NVIDIA H100")
     res, table = compare(tmp_path)
-    assert table.set_index("strategy").loc["precomputed", "mixed_setup"] == (
+    assert table.set_index("strategy").loc[CACHED, "mixed_setup"] == (
         "hardware 1× NVIDIA H100 vs 1× Tesla T4")
     assert len(warning_lines(res.stdout)) == 1

@@ -90,10 +90,10 @@ def test_mcnemar_matches_the_exact_binomial_on_a_fixed_table() -> None:
 
 def test_different_test_ids_give_no_interval_and_one_sentence(model: Predictions) -> None:
     other = preds(model.probs.argmax(1) == model.labels, model.labels, 3, ids_sha="other")
-    res = stats.compare_sides(one(model), one(other), "test/acc", 1.0, ("freeze", "finetune"))
+    res = stats.compare_sides(one(model), one(other), "test/acc", 1.0, ("partial", "base"))
     assert not res.has_interval and math.isnan(res.lo) and res.verdict == ""
     assert "not tested on the same images" in res.why and "\n" not in res.why
-    assert res.sentence().startswith("no interval: freeze and finetune were not tested")
+    assert res.sentence().startswith("no interval: partial and base were not tested")
 
 
 def test_metric_without_predictions_formula_is_said() -> None:
