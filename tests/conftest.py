@@ -90,15 +90,27 @@ SHRINK_STRATEGY = {"dynamic": ["strategy.dynamic.alpha=0.5"],
                    # one epoch: a later unfreezing epoch could never take effect (refused)
                    "freeze": ["strategy.freeze.unfreeze_at_epochs=[]",
                               "strategy.freeze.unfreeze_lr=null"]}
-# Trainer arguments a strategy refuses because its own loop cannot honour them.
-NOT_HONOURED = {"precomputed": ("trainer.limit_train_batches", "trainer.limit_val_batches")}
+
+
+def not_honoured(strategy: str) -> set[str]:
+    """The shrinking trainer.* keys a stack refuses because a technique's own loop cannot
+    honour them (what it does honour is its declared ``trainer_keys``)."""
+    keys = {o.split("=")[0] for o in SHRINK if o.startswith("trainer.")}
+    return {k for k in keys if any(_refuses(n, k) for n in strategy.split("+"))}
+
+
+def _refuses(name: str, key: str) -> bool:
+    from effbench.technique import technique_class
+
+    honoured = technique_class(name).trainer_keys
+    return honoured is not None and key.split(".", 1)[1] not in honoured
 
 
 def run_preset_job(tmp_path: Path, overrides: list[str]) -> dict:
     """One job in-process, the user's overrides then the shrinking ones (unlike ``run_job``, no
     ``dataset=synthetic`` that would beat a preset's dataset)."""
     strategy = "+".join(compose_cfg(overrides).strategy)
-    shrink = [o for o in SHRINK if o.split("=")[0] not in NOT_HONOURED.get(strategy, ())]
+    shrink = [o for o in SHRINK if o.split("=")[0] not in not_honoured(strategy)]
     cfg = compose_cfg([*overrides, *shrink, *SHRINK_STRATEGY.get(strategy, [])])
     choices = dict(cfg.hydra.runtime.choices)
     from omegaconf import OmegaConf

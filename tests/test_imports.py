@@ -69,8 +69,10 @@ def test_compare_depends_on_summaries_only() -> None:
     for name, deps in graph.items():
         if name.startswith("effbench.compare"):
             # effbench.received: how a file from outside is read (bounded, data only, escaped);
-            # effbench.predictions: the format of a run's predictions.npz (numpy, no torch)
+            # effbench.predictions: the format of a run's predictions.npz (numpy, no torch);
+            # effbench.config: the config's own default choices (yaml, no torch)
             bad = {d for d in deps if not d.startswith(("effbench.compare", "effbench.errors",
                                                         "effbench.rundir", "effbench.received",
-                                                        "effbench.predictions"))}
+                                                        "effbench.predictions",
+                                                        "effbench.config"))}
             assert not bad, f"{name} imports {bad}"
