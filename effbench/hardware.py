@@ -53,7 +53,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def plan_precision(requested: str, accelerator: str, required: str | None, explicit: bool,
                    who: str) -> str:
-    """The precision that will run. A technique that needs one (qat: fake quantization in fp32)
+    """The precision that will run. A technique that needs one (fake quantization in fp32)
     gets it instead of the preset's; a user's explicit other choice is refused, not ignored."""
     resolved = resolve_precision(requested, accelerator)
     if required is None or resolved == required:

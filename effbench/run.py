@@ -414,7 +414,7 @@ def _numeric(rows: list[dict[str, str]]) -> list[dict[str, float]]:
 
 
 def _val_max(history: list[dict[str, float]]) -> dict[str, float]:
-    """The best validation accuracy (and macro AUROC) over epochs — the dynamic-sampling study's
+    """The best validation accuracy (and macro AUROC) over epochs — the data-subsampling study's
     figure — next to the test metrics of the best-val-loss checkpoint."""
     out = {}
     for key in ("val/acc", "val/auroc_macro"):

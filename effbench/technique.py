@@ -2,7 +2,7 @@
 
 A technique is one class in ``effbench/techniques/<name>.py`` or ``effbench/techniques/<name>/``
 that registers itself (:func:`register`), selected by ``conf/strategy/<name>.yaml`` (its keys
-under ``<name>:``); ``strategy=[freeze,prune]`` stacks several. Like Composer's algorithms and
+under ``<name>:``); ``strategy=[a,b]`` stacks several. Like Composer's algorithms and
 Lightning's callbacks, each technique declares what it changes (``acts_on``) and what it needs
 (``needs``, ``requires_precision``); effbench/stack.py resolves a stack from these declarations
 (order, compatibility, the precision) in one place, and effbench/pipeline.py runs its phases,
@@ -48,7 +48,7 @@ EXCLUSIVE = ("sampling", "loop")
 
 
 class Technique:
-    """Base: a technique that changes nothing (``finetune``: the plain recipe)."""
+    """Base: a technique that changes nothing (the plain recipe, the baseline)."""
 
     name = "technique"
     order = 50                                   # place in a stack: earlier acts first
@@ -63,6 +63,8 @@ class Technique:
     unfreezes_during_fit = False
     # BatchNorm layers held in eval mode during training (a graph that folds them cannot).
     holds_batchnorm_in_eval = False
+    # Weights set to zero for good: the saved model is sparse (stored by its nonzeros).
+    sparsifies = False
     # The precision this technique needs (None: any); the hardware plan uses it instead of the
     # preset's and refuses an explicit trainer.precision that differs.
     requires_precision: str | None = None
@@ -84,7 +86,8 @@ class Technique:
         """Refuse options that cannot take effect in this run (before anything trains)."""
 
     def configure_model(self, ctx: RunContext) -> None:
-        """Change the model before training (freeze, insert fake-quant, …). Default: nothing."""
+        """Change the model before training (stop layers training, insert fake-quant, …). Default:
+        nothing."""
 
     def callbacks(self, ctx: RunContext) -> list[Callback]:
         """Lightning callbacks this technique acts through during the shared fit."""
@@ -114,13 +117,13 @@ class Technique:
 
     def cached_parts(self, cfg: DictConfig) -> tuple[nn.Module, ImageDataModule] | None:
         """Before anything is built: a technique that can serve the whole job from a cache
-        (precomputed's index hit) returns a stand-in backbone and a labels-only datamodule, so
+        (a feature-cache index hit) returns a stand-in backbone and a labels-only datamodule, so
         no image is decoded and no backbone built. None: build as usual."""
         return None
 
     def saved_model(self, ctx: RunContext) -> SavedModel | None:
         """After ``finalize``: the form in which this technique's model is kept in
-        ``<run>/model/`` (``prune``: compressed, ``qat``: int8). None: the technique leaves the
+        ``<run>/model/`` (compressed, int8, …). None: the technique leaves the
         model's form alone. The last technique of the stack that returns one decides; when none
         does, backbone + head are saved as they are (effbench/model/saved.py)."""
         return None

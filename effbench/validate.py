@@ -88,7 +88,7 @@ def check_objective(cfg: DictConfig) -> None:
 
 
 def check_strategies(overrides: list[str]) -> None:
-    """``strategy=[prune,prune]`` composes to one prune (Hydra merges the same option twice):
+    """``strategy=[a,a]`` composes to one ``a`` (Hydra merges the same option twice):
     a technique named twice is refused rather than silently applied once."""
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")

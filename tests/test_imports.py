@@ -4,6 +4,7 @@ hide a cycle from Python but not from a reader."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "effbench"
@@ -76,3 +77,17 @@ def test_compare_depends_on_summaries_only() -> None:
                                                         "effbench.predictions",
                                                         "effbench.config"))}
             assert not bad, f"{name} imports {bad}"
+
+
+def test_the_core_names_no_technique() -> None:
+    """Outside effbench/techniques/ no file names a technique (code or comment): techniques are
+    found through the registry and known by what they declare."""
+    from effbench.technique import registered
+
+    names = "|".join(re.escape(n) for n in registered())
+    word = re.compile(rf"(?<![\w.])({names})(?![\w])", re.IGNORECASE)
+    package = Path(__file__).resolve().parents[1] / "effbench"
+    found = [f"{path.relative_to(package)}:{i}: {line.strip()}"
+             for path in sorted(package.rglob("*.py")) if "techniques" not in path.parts
+             for i, line in enumerate(path.read_text().splitlines(), 1) if word.search(line)]
+    assert not found, "\n".join(found)

@@ -82,9 +82,10 @@ class Backbone(nn.Module):
     """Ordered ``stages`` (stage 0 is the stem; the last stage ends with pooling + flatten) whose
     composition maps a normalised ``(N, 3, H, W)`` batch to ``(N, feature_dim)`` features.
 
-    The stages together hold every parameter of the backbone exactly once, so strategies can freeze,
-    prune or quantise "the first k stages" of any architecture. ``frozen_prefix`` stages run without
-    autograd, so a frozen prefix keeps no activations for backward (the freeze strategy sets it).
+    The stages together hold every parameter of the backbone exactly once, so techniques can act
+    on "the first k stages" of any architecture (freezing, removing weights, quantising).
+    ``frozen_prefix`` stages run without autograd, so a frozen prefix keeps no activations for
+    backward (a technique that freezes sets it).
 
     ``build_head(num_classes)`` returns the classification head the backbone's config asks for
     (``backbone.head``: a Linear by default, or a Keras-style MLP).

@@ -58,7 +58,7 @@ def _conv_group(c_in: int, c_out: int, n: int, first_stride: int = 1,
 
 def cifar_cnn14(image_size: int | None = None, pretrained: bool = False,
                 batch_norm: bool = True) -> Backbone:
-    """14-conv CIFAR-10 CNN of the dynamic-training study: 3x32 | pool | 4x64 | pool |
+    """14-conv CIFAR-10 CNN of the data-subsampling study (002): 3x32 | pool | 4x64 | pool |
     4x128 (first stride 2) | pool | 3x128 | global average pool; one stage per group.
 
     ``batch_norm=False`` is the study's network as published (Table 1: conv + bias + ReLU,

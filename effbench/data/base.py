@@ -166,7 +166,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.memory_budget_gb = float(memory_budget_gb)
         # Random crop after zero-padding by this many pixels (CIFAR-style augmentation); 0 = off.
         self.augment_crop_pad = int(augment_crop_pad)
-        # A strategy may choose which training images an epoch sees (e.g. ``dynamic``'s subset A);
+        # A strategy may choose which training images an epoch sees (e.g. a subset A of it);
         # when set, the train loader iterates this sampler instead of shuffling the whole split.
         self.train_sampler: Sampler | None = None
         # The run's seed (set by the pipeline): with the epoch it fixes each epoch's shuffle.
@@ -204,7 +204,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def source_files(self) -> list[Path]:
         """The files (or folders) the images are read from, for a decode-free fingerprint of the
-        data (precomputed's ``lookup``); generated data has none (its options say it all)."""
+        data (a feature cache's index); generated data has none (its options say it all)."""
         return [Path(str(self.root)).expanduser()] if self.root else []
 
     def restore_labels(self, labels: dict[str, torch.Tensor], class_names: list[str]) -> None:

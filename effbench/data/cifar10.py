@@ -95,7 +95,7 @@ VAL_FROM = ("train", "test")
 
 class Cifar10DataModule(ImageDataModule):
     """Official train/test split. Validation is carved (stratified, ``val_ratio``) from train, or,
-    with ``val_from=test``, is the official 10,000-image test set (the dynamic-sampling study's
+    with ``val_from=test``, is the official 10,000-image test set (the data-subsampling study's
     protocol: all 50,000 images train, and the figure reported is the best validation accuracy
     over epochs — then test metrics are not independent of model selection, and say so)."""
 

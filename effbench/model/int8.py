@@ -1,5 +1,5 @@
-"""Running a PT2E-converted int8 graph on x86 CPUs: what ``qat`` measures and evaluates, and what
-a saved int8 model is rebuilt into (effbench/model/saved.py), so both compute the same numbers."""
+"""Running a PT2E-converted int8 graph on x86 CPUs: what quantization measures and evaluates, and
+what a saved int8 model is rebuilt into (effbench/model/saved.py): both compute the same numbers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Size and latency measurements shared by ``prune``, ``qat`` and ``scripts/bench_compression.py``.
+"""Size and latency measurements shared by the techniques that compress a model and
+``scripts/bench_compression.py``.
 
 The dense size is ``effbench.summary.state_dict_bytes`` (``torch.save`` of the state dict, what
 ``summary["model"]["size_bytes"]`` records). A pruned model only gets smaller on disk once it is

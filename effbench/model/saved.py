@@ -12,8 +12,8 @@ One format for every technique (docs/compression.md, "Models you can keep"):
 - ``graph.json`` for an int8 model (effbench/model/graph.py: registered operators only).
 
 Kinds: ``network`` is the backbone rebuilt from its config + the head from its layer list, with
-the weights loaded (dense; ``prune`` stores mostly-zero tensors by their nonzeros and a bitmask,
-and records the layer shapes that channel pruning shrank); ``int8_graph`` is qat's converted
+the weights loaded (dense; a compressed one stores mostly-zero tensors by their nonzeros and a
+bitmask, and records the layer shapes that removing channels shrank); ``int8_graph`` is a converted
 graph, lowered to oneDNN int8 kernels as the run evaluated it.
 
 ``save`` is called at the end of a run (effbench/pipeline.py, global rank 0), ``load`` gives an
@@ -76,7 +76,7 @@ class SavedModel:
     kind: str                                  # how it is rebuilt: a key of LOADERS
     tensors: dict[str, torch.Tensor]           # → weights.safetensors
     metrics: dict[str, float]                  # what the run recorded for this very model
-    metric_prefix: str = "test"                # their prefix ("int8/test" for qat)
+    metric_prefix: str = "test"                # their prefix ("int8/test" for an int8 model)
     info: dict[str, Any] = field(default_factory=dict)  # kind-specific manifest entries
     files: dict[str, bytes] = field(default_factory=dict)  # further files (graph.json)
 
@@ -93,8 +93,8 @@ class Network(nn.Module):
 
 
 # -- the head as a list of layers ----------------------------------------------------------------
-# Heads differ by technique (backbone.head for the shared fit, strategy.precomputed.head/hidden/
-# dropout for precomputed); described from the module itself, any of them rebuilds the same way.
+# Heads differ by technique (backbone.head for the shared fit, a technique's own head options);
+# described from the module itself, any of them rebuilds the same way.
 def _no_args(m: nn.Module) -> dict[str, Any]:
     return {}
 
@@ -191,15 +191,16 @@ def _state(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
 def network_model(ctx: RunContext, compress: bool = False) -> SavedModel:
     """Backbone + head of ``ctx.system`` as they are (the generic default). ``compress``: mostly-
     zero tensors by their nonzeros, and the layer shapes (a channel-pruned model rebuilds
-    smaller), what ``prune`` saves."""
+    smaller), what a technique that removes weights saves."""
     system = ctx.system
     if not system.backbone.state_dict():
-        # A stand-in: precomputed's cache-hit fast path serves a job without building the
+        # A stand-in: a technique's cache-hit fast path serves a job without building the
         # backbone, so there are no backbone weights here to keep (and building it now would
         # undo what the fast path saves).
+        owner = next((t.name for t in ctx.techniques if t.replaces_loop), "<technique>")
         raise EffbenchError(f"the job's backbone ({type(system.backbone).__name__}) holds no "
                             "weights: the job was served from the feature cache and never built "
-                            "it; keep strategy.precomputed.save_model=true (the default) to "
+                            f"it; keep strategy.{owner}.save_model=true (the default) to "
                             "have it rebuilt and saved.")
     tensors = {**_state(system.backbone, "backbone"), **_state(system.head, "head")}
     info: dict[str, Any] = {"head": describe_head(system.head)}
@@ -278,9 +279,10 @@ def save(ctx: RunContext, model: SavedModel, produced_by: str) -> dict[str, Any]
     write_bytes_atomic(model_dir / MANIFEST, text)
     return {"path": str(model_dir), "format": f"{FORMAT}/{VERSION}", "kind": model.kind,
             "produced_by": produced_by,
-            # Sparse = pruned: an unpruned int8 model also stores a few mostly-zero tensors by
-            # their nonzeros (counted apart), which does not make the model sparse.
-            "sparse": bool(model.info.get("sparse")) and "prune" in manifest["techniques"],
+            # Sparse = made sparse by a technique that zeroes weights: an int8 model also stores
+            # a few mostly-zero tensors by their nonzeros (counted apart), which does not.
+            "sparse": bool(model.info.get("sparse")) and any(t.sparsifies
+                                                             for t in ctx.techniques),
             "tensors_stored_sparse": len(model.info.get("sparse") or {}),
             "bytes": len(text) + sum(len(d) for d in files.values())}
 

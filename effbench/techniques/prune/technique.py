@@ -328,6 +328,10 @@ class Prune(Technique):
     # Either way a later graph export (qat) must wait until ``settle``.
     reparametrizes = True
 
+    @property
+    def sparsifies(self) -> bool:  # masks become zeros; removed channels leave dense tensors
+        return self.structure != "channel"
+
     def __init__(self, name: str = "prune", final_sparsity: float = 0.5,
                  initial_sparsity: float = 0.1,
                  power: float = 4.0, start: float = 0.5, end: float = 7.0, unit: str = "epoch",
