@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 from tests.conftest import assert_predictions, run_cli
+from tests.helpers.tiny import QUIET, tiny
 
-QUICK = ["trainer.enable_progress_bar=false", "tracking.energy=false"]
-TINY = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",
-        "trainer.max_epochs=1", *QUICK]
+QUICK = QUIET
+TINY = tiny(epochs=1)
 
 
 def summaries(cwd: Path) -> list[dict]:

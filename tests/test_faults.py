@@ -17,8 +17,9 @@ import pytest
 
 from tests.conftest import TINY, run_cli
 from tests.helpers.cli import run_compare
+from tests.helpers.tiny import QUIET
 
-QUICK = ["trainer.enable_progress_bar=false", "tracking.energy=false"]
+QUICK = QUIET
 
 
 def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:

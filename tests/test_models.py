@@ -11,9 +11,9 @@ import torch
 
 from effbench.backbones import build_backbone
 from tests.conftest import run_cli
+from tests.helpers.tiny import tiny
 
-TINY = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",
-        "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "tracking.energy=false"]
+TINY = tiny(epochs=2)
 
 
 def _summary(root: Path) -> dict:

@@ -18,10 +18,10 @@ import pytest
 
 from effbench.loggers import SUMMARY_ARTIFACT
 from tests.conftest import compose_cfg, run_cli
+from tests.helpers.tiny import QUIET, tiny
 
-QUICK = ["trainer.enable_progress_bar=false", "tracking.energy=false"]
-TINY = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",
-        "trainer.max_epochs=1", *QUICK]
+QUICK = QUIET
+TINY = tiny(epochs=1)
 OPTUNA = ["experiment=precomputed_optuna", "trainer.max_epochs=3", "dataset.max_samples=300",
           *QUICK]
 

@@ -15,11 +15,10 @@ from effbench.run import run_overrides
 from effbench.summary import SCHEMA
 from effbench.technique import registered
 from tests.conftest import CONF, compose_cfg
+from tests.helpers.tiny import tiny
 
 TECHNIQUES = list(registered())
-TINY = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",
-        "dataset.batch_size=16", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
-        "tracking.energy=false", "backbone=small_cnn"]
+TINY = [*tiny(epochs=2), "dataset.batch_size=16", "backbone=small_cnn"]
 # Options that make each technique's effect reachable in 2 tiny epochs (a technique with none
 # runs with its defaults).
 OPTIONS = {

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from tests.helpers.tiny import tiny
 
-TINY = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",
-        "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
+TINY = tiny(epochs=2, quiet=False)
 BIN = Path(sys.executable).parent
 
 
