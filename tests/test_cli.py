@@ -39,6 +39,12 @@ def test_help_and_cfg(tmp_path: Path) -> None:
     for group in ["dataset:", "backbone:", "strategy:", "hardware:"]:
         assert group in res.stdout
     assert "small_cnn" in res.stdout and "finetune" in res.stdout
+    # Every option of every group, as the files hold them (the listing is built once for --help).
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for group in ["backbone", "dataset", "experiment", "hardware", "optim", "strategy"]:
+        options = ", ".join(sorted(p.stem for p in (conf / group).glob("*.yaml")))
+        assert f"{group}: {options}\n" in res.stdout, group
+    assert "hydra/launcher" not in res.stdout  # Hydra's own groups stay under --hydra-help
     res = run_cli(["--cfg", "job", "optim.optimizer.lr=0.01"], cwd=tmp_path)
     assert res.returncode == 0 and "lr: 0.01" in res.stdout and "max_epochs" in res.stdout
 
