@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from effbench.config import CONF_DIR
-from effbench.ranks import global_rank
+from effbench.ranks import is_rank_zero
 from effbench.report import print_report
 
 log = logging.getLogger("effbench")
@@ -46,7 +46,7 @@ def _app(cfg: DictConfig) -> Any:
         # Also in a sweep: the user (Ctrl-C) or the scheduler (SIGTERM) stopped it; no traceback.
         print(f"effbench: {summary['error']}", file=sys.stderr)
         sys.exit(128 + signal.Signals[summary.get("signal") or "SIGINT"])
-    if global_rank(cfg.trainer.get("devices")) == 0:
+    if is_rank_zero(cfg):
         print_report(summary)
     if summary["status"] != "completed" and hc.mode != RunMode.MULTIRUN:
         sys.exit(1)  # one sentence already printed; a sweep instead records it and goes on

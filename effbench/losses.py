@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effbench.task import is_multilabel
+
 
 class WeightedBCE(nn.Module):
     """Per-label weighted BCE as in CheXNet: w₊ = |N|/(|P|+|N|) on positives, w₋ = |P|/(|P|+|N|)
@@ -48,7 +50,7 @@ def _reduce(loss: torch.Tensor, sample_weight: torch.Tensor | None) -> torch.Ten
 def build_loss(task: str, class_counts: torch.Tensor, total: int,
                class_weights: bool = False) -> nn.Module:
     """Weighted BCE for multilabel; CE (inverse-frequency class weights if asked) otherwise."""
-    if task == "multilabel":
+    if is_multilabel(task):
         return WeightedBCE(class_counts, total)
     if not class_weights:
         return CrossEntropy()

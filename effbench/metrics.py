@@ -13,11 +13,13 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
+from effbench.task import is_multilabel
+
 
 def build_metrics(task: str, num_classes: int, validate_args: bool = True) -> MetricCollection:
     """acc, macro F1, per-class accuracy and AUROC (macro + per class) for the task."""
     v = {"validate_args": validate_args}
-    if task == "multilabel":
+    if is_multilabel(task):
         n = num_classes
         return MetricCollection({
             "acc": MultilabelAccuracy(n, average="micro", **v),
@@ -50,4 +52,4 @@ def split_scalars(values: dict[str, torch.Tensor], prefix: str,
 
 
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
-    return torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=-1)
+    return torch.sigmoid(logits) if is_multilabel(task) else torch.softmax(logits, dim=-1)

@@ -23,7 +23,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor
 from effbench.context import RunContext
 from effbench.errors import EffbenchError
 from effbench.model import saved as saved_model
-from effbench.ranks import global_rank
+from effbench.ranks import is_rank_zero
 from effbench.recipe import Recipe
 from effbench.stack import loop_owner
 from effbench.technique import Technique
@@ -112,7 +112,7 @@ def finalize(ctx: RunContext, techniques: list[Technique]) -> tuple[dict[str, An
         own = {**t.describe(), **ctx.extra.pop(t.name, {}), **t.finalize(ctx)}
         model.update(own.pop("model", {}))
         facts[t.name] = own
-    if global_rank(ctx.cfg.trainer.get("devices")) == 0:  # one writer
+    if is_rank_zero(ctx.cfg):  # one writer
         model["saved"] = save_model(ctx, techniques)
     return facts, model
 

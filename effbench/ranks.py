@@ -26,3 +26,9 @@ def global_rank(devices_per_node: Any = 1) -> int:
     except (TypeError, ValueError):
         per_node = 1
     return (_int("NODE_RANK") or 0) * per_node + (_int("LOCAL_RANK") or 0)
+
+
+def is_rank_zero(cfg: Any) -> bool:
+    """The one process of a run that writes its records (summary, predictions, saved model,
+    report): global rank 0 for the run's ``trainer.devices``. Every writer asks here."""
+    return global_rank(cfg.trainer.get("devices")) == 0

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from effbench.task import is_multilabel
+
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
     return "n/a" if v is None else format(v, spec)
@@ -29,7 +31,7 @@ def print_report(s: dict[str, Any], stream: Any = None) -> None:
         print(f"effbench: {what} failed; details in {s['run_dir']}/summary.json", file=out)
         return
     m, t, e = s["metrics"], s["time_s"], s["energy"]
-    headline = "auroc_macro" if s["data"].get("task") == "multilabel" else "acc"
+    headline = "auroc_macro" if is_multilabel(s["data"].get("task")) else "acc"
     phases = ", ".join(f"{k} {v:.1f}" for k, v in t.items() if k != "total")
     lines = [
         f"effbench: {what} completed in {t['total']:.1f} s",

@@ -34,7 +34,7 @@ from effbench.lifecycle import (
 )
 from effbench.loggers import finish_loggers, quiet_third_party
 from effbench.losses import build_loss
-from effbench.ranks import global_rank
+from effbench.ranks import is_rank_zero
 from effbench.recipe import Recipe
 from effbench.rundir import (
     RunDirLock,
@@ -52,6 +52,7 @@ from effbench.summary import (
     write_json_atomic,
 )
 from effbench.system import ClassifierSystem, Diverged
+from effbench.task import is_multilabel
 from effbench.technique import Technique
 from effbench.tracking import EnergyTracker, add_to_phase, check_country
 from effbench.validate import check_data, check_strategy_trainer_keys, validate
@@ -145,7 +146,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     start = time.perf_counter()
     load_at_start = os.getloadavg()
     quiet_third_party()
-    rank0 = global_rank(cfg.trainer.get("devices")) == 0
+    rank0 = is_rank_zero(cfg)
     try:
         requeued_job = _requeue_job(cfg)
     except EffbenchError as err:
@@ -179,7 +180,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
 def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], overrides: list[str],
                start: float, load_at_start: tuple[float, ...],
                original_cwd: str | Path, stop: StopSignals) -> dict[str, Any]:
-    rank0 = global_rank(cfg.trainer.get("devices")) == 0
+    rank0 = is_rank_zero(cfg)
     times: dict[str, float] = {}
     tracker = EnergyTracker(bool(cfg.tracking.energy) and rank0, cfg.tracking.country, run_dir)
     accelerator, ctx = "cpu", None
@@ -282,7 +283,7 @@ def objective(cfg: DictConfig, summary: dict[str, Any]) -> dict[str, Any]:
 def default_objective(task: str | None) -> str:
     """The headline of the task: macro AUROC for multilabel data (accuracy there is per label at
     0.5, which the multilabel studies never report), validation accuracy otherwise."""
-    return "val/auroc_macro" if task == "multilabel" else "val/acc"
+    return "val/auroc_macro" if is_multilabel(task) else "val/acc"
 
 
 def _whole_run_energy(energy: dict[str, Any], record: RunRecord) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from torch import nn
 
 from effbench.errors import EffbenchError
 from effbench.metrics import build_metrics, probabilities, split_scalars
+from effbench.task import is_multilabel
 
 
 class Diverged(EffbenchError):
@@ -55,7 +56,7 @@ class ClassifierSystem(pl.LightningModule):
         return self.head(self.backbone(x))
 
     def _targets(self, y: torch.Tensor) -> torch.Tensor:
-        return y.long() if self.task == "multilabel" else y
+        return y.long() if is_multilabel(self.task) else y
 
     def on_train_epoch_start(self) -> None:
         self._train_loss_sum, self._train_seen = None, 0

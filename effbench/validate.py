@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from effbench import schema
 from effbench.errors import EffbenchError
+from effbench.task import is_multilabel
 
 
 def _int_at_least(n: int) -> Callable[[Any], bool]:
@@ -123,7 +124,7 @@ def check_light(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) ->
 def check_data(num_classes: int, task: str, train_images: int) -> None:
     """After the data is read: a class the train split cannot hold one image of is never learnt
     (what dataset.max_samples or a tiny folder leads to)."""
-    if task != "multilabel" and train_images < num_classes:
+    if not is_multilabel(task) and train_images < num_classes:
         raise EffbenchError(f"the train split holds {train_images} images for {num_classes} "
                             "classes; use at least one image per class (raise "
                             "dataset.max_samples or give more data).")

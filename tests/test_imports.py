@@ -71,11 +71,12 @@ def test_compare_depends_on_summaries_only() -> None:
         if name.startswith("effbench.compare"):
             # effbench.received: how a file from outside is read (bounded, data only, escaped);
             # effbench.predictions: the format of a run's predictions.npz (numpy, no torch);
-            # effbench.config: the config's own default choices (yaml, no torch)
+            # effbench.config: the config's own default choices (yaml, no torch);
+            # effbench.task: what a summary's data.task means
             bad = {d for d in deps if not d.startswith(("effbench.compare", "effbench.errors",
                                                         "effbench.rundir", "effbench.received",
                                                         "effbench.predictions",
-                                                        "effbench.config"))}
+                                                        "effbench.config", "effbench.task"))}
             assert not bad, f"{name} imports {bad}"
 
 

@@ -14,6 +14,7 @@ from effbench.compare.load import EFFECTIVE_SIZE, UNSET
 from effbench.compare.precision import with_setup
 from effbench.config import default_choice
 from effbench.errors import EffbenchError
+from effbench.task import is_multilabel
 
 # CO₂ of the phases of TIME (train, BN adaptation, extraction); the whole job's is energy.co2_kg.
 TIME, CO2 = "train_s", "train_co2_kg"
@@ -53,7 +54,7 @@ def headline_metric(runs: pd.DataFrame, metric: str | None) -> str:
     multilabel (accuracy there rewards predicting no label at all)."""
     done = runs[runs["status"] == "completed"]
     if metric is None:
-        multilabel = len(done) and (done["task"] == "multilabel").all()
+        multilabel = len(done) and is_multilabel(done["task"]).all()
         metric = "test/auroc_macro" if multilabel else "test/acc"
     if metric not in done.columns or done[metric].isna().all():
         known = sorted(k for k in runs.attrs.get("metric_keys", []) if k in done

@@ -13,12 +13,13 @@ import pandas as pd
 
 from effbench.config import default_choice
 from effbench.errors import EffbenchError
+from effbench.task import is_multilabel
 
 
 def search_cost(runs: pd.DataFrame, key: str, metric: str | None = None) -> pd.DataFrame:
     if metric is None:  # the runs' default objective: macro AUROC on multilabel data
         done = runs[runs["status"] == "completed"]
-        multilabel = len(done) and (done["task"] == "multilabel").all()
+        multilabel = len(done) and is_multilabel(done["task"]).all()
         metric = "val/auroc_macro" if multilabel else "val/acc"
     if key not in runs.columns:
         raise EffbenchError(f"--search-cost {key}: no run sets {key}; use a key that names the "

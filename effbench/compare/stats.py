@@ -40,6 +40,7 @@ import pandas as pd
 from scipy.stats import binomtest
 
 from effbench.predictions import Predictions, PredictionsError, read
+from effbench.task import is_multilabel
 
 DEFAULT_MARGIN_PP = 1.0
 RESAMPLES = 2000
@@ -118,14 +119,14 @@ def weighted_metric(name: str, probs: np.ndarray, labels: np.ndarray, task: str,
     it: micro accuracy, macro F1 over the classes that occur, macro one-vs-rest AUROC)."""
     if name == "auroc_macro":
         return _auroc_macro(probs, labels, task, w)
-    if task == "multilabel":
+    if is_multilabel(task):
         pred, truth = probs > 0.5, labels.astype(bool)
     else:
         n_classes = probs.shape[1]
         pred = np.eye(n_classes, dtype=bool)[probs.argmax(1)]
         truth = np.eye(n_classes, dtype=bool)[labels]
     if name == "acc":
-        per_sample = (pred == truth).mean(1) if task == "multilabel" else (pred & truth).any(1)
+        per_sample = (pred == truth).mean(1) if is_multilabel(task) else (pred & truth).any(1)
         return (w @ per_sample.astype(w.dtype)) / w.sum(1)
     tp = w @ (pred & truth).astype(w.dtype)
     denom = w @ pred.astype(w.dtype) + w @ truth.astype(w.dtype)
@@ -136,7 +137,7 @@ def weighted_metric(name: str, probs: np.ndarray, labels: np.ndarray, task: str,
 
 def _auroc_macro(probs: np.ndarray, labels: np.ndarray, task: str, w: np.ndarray) -> np.ndarray:
     """Mean over classes of the weighted Mann–Whitney AUROC (ties count one half)."""
-    truth = labels.astype(bool) if task == "multilabel" else \
+    truth = labels.astype(bool) if is_multilabel(task) else \
         np.eye(probs.shape[1], dtype=bool)[labels]
     out = []
     for c in range(probs.shape[1]):
@@ -267,7 +268,7 @@ def compare_sides(a: dict[str, list[Predictions]], b: dict[str, list[Predictions
     out.replicates, out.n_samples = reps, n
     out.n_seeds = (len(side_a.seeds), len(side_b.seeds))
     single = out.n_seeds == (1, 1) and len(side_a.seeds[0]) == len(side_b.seeds[0]) == 1
-    if name == "acc" and runs[0].task != "multilabel" and single:
+    if name == "acc" and not is_multilabel(runs[0].task) and single:
         pa, pb = side_a.seeds[0][0], side_b.seeds[0][0]
         out.p_value = mcnemar_exact(getattr(pa, array).argmax(1) == pa.labels,
                                     pb.probs.argmax(1) == pb.labels)

@@ -21,6 +21,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from effbench.backbones.base import Preprocessing
 from effbench.errors import EffbenchError
+from effbench.task import MULTICLASS, is_multilabel
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class ImageDataModule(pl.LightningDataModule):
     (multilabel).
     """
 
-    task: str = "multiclass"
+    task: str = MULTICLASS
 
     def __init__(self, name: str, root: str | None = None, image_size: int | None = None,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
@@ -233,7 +234,7 @@ class ImageDataModule(pl.LightningDataModule):
     def _check_trainable(self, loaded: dict[str, tuple[Any, torch.Tensor]]) -> None:
         # A backstop for every family (they check their own options first, more precisely):
         # one class or no training images would otherwise fail deep inside the loss or Trainer.
-        if self.task == "multiclass" and self.num_classes < 2:
+        if not is_multilabel(self.task) and self.num_classes < 2:
             raise EffbenchError(
                 f"dataset '{self.name}' at dataset.root={self.root} has {self.num_classes} "
                 f"class(es) {self.class_names}; a classifier needs at least 2: point "
@@ -314,7 +315,7 @@ class ImageDataModule(pl.LightningDataModule):
     def class_counts(self, split: str = "train") -> torch.Tensor:
         """Samples per class (multiclass) or positives per label (multilabel)."""
         y = self.labels[split]
-        if self.task == "multilabel":
+        if is_multilabel(self.task):
             return y.sum(0)
         return torch.bincount(y, minlength=self.num_classes).float()
 

@@ -23,6 +23,7 @@ import torch
 from effbench.data.base import missing_data_error
 from effbench.data.files import FileList, FileListDataModule, group_split
 from effbench.errors import EffbenchError
+from effbench.task import is_multilabel, task_of
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class ChestXray14DataModule(FileListDataModule):
                                 f"{', '.join(LABELS)}.")
         self.keep = keep
         # One kept label → a 2-class task (CheXNet's pneumonia detector); 2+ → multilabel.
-        self.task = "multiclass" if len(keep) == 1 else "multilabel"
+        self.task = task_of(len(keep) > 1)
 
     def options(self) -> dict[str, Any]:
         return {"labels": self.keep}
@@ -117,7 +118,7 @@ class ChestXray14DataModule(FileListDataModule):
                         "CSV and are skipped", absent)
         full = {k: self._file_list([n for n in names if n in images and n in rows], rows, images)
                 for k, names in split_lists.items()}
-        self.class_names = ([f"No {self.keep[0]}", self.keep[0]] if self.task == "multiclass"
+        self.class_names = ([f"No {self.keep[0]}", self.keep[0]] if not is_multilabel(self.task)
                             else list(self.keep))
         tv = full["train_val"]
         check_patient_split(tv.groups, full["test"].groups)
@@ -129,6 +130,6 @@ class ChestXray14DataModule(FileListDataModule):
                    ) -> FileList:
         vectors = torch.tensor([self._label_vector(rows[n]["Finding Labels"]) for n in names],
                                dtype=torch.float32).view(len(names), len(self.keep))
-        labels = vectors[:, 0].long() if self.task == "multiclass" else vectors
+        labels = vectors[:, 0].long() if not is_multilabel(self.task) else vectors
         return FileList([images[n] for n in names], labels,
                         [rows[n]["Patient ID"].strip() for n in names])

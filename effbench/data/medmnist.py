@@ -17,6 +17,8 @@ import torch
 from effbench.data.base import ImageDataModule, missing_data_error
 from effbench.data.chestxray14 import LABELS as CHEST_LABELS
 from effbench.errors import EffbenchError
+from effbench.task import TASKS as TASK_NAMES
+from effbench.task import is_multilabel, task_of
 
 SPLITS = {"train": "train", "val": "val", "test": "test"}
 WHERE = "https://medmnist.com (Zenodo; or `pip install medmnist` and its download command)"
@@ -30,7 +32,7 @@ CLASS_NAMES = {
                   "colorectal adenocarcinoma epithelium"],
     "octmnist": ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal"],
 }
-TASKS = ("auto", "multiclass", "multilabel")
+TASKS = ("auto", *TASK_NAMES)
 
 
 class MedMNISTDataModule(ImageDataModule):
@@ -64,9 +66,9 @@ class MedMNISTDataModule(ImageDataModule):
             raw = {s: (npz[f"{name}_images"], npz[f"{name}_labels"]) for s, name in SPLITS.items()}
         width = raw["train"][1].reshape(len(raw["train"][1]), -1).shape[1]
         self.task = self.task_option if self.task_option != "auto" else (
-            "multilabel" if width > 1 else "multiclass")
+            task_of(width > 1))
         out = {s: (self._images(x), self._labels(y)) for s, (x, y) in raw.items()}
-        count = width if self.task == "multilabel" else int(max(int(y.max()) for _, y in
+        count = width if is_multilabel(self.task) else int(max(int(y.max()) for _, y in
                                                                 out.values())) + 1
         self.class_names = self._names(count)
         return out
@@ -79,7 +81,7 @@ class MedMNISTDataModule(ImageDataModule):
 
     def _labels(self, y: np.ndarray) -> torch.Tensor:
         y = y.reshape(len(y), -1)
-        if self.task == "multilabel":
+        if is_multilabel(self.task):
             return torch.from_numpy(y.astype(np.float32))
         if y.shape[1] != 1:
             raise EffbenchError(f"dataset.task=multiclass needs one label per image, but "

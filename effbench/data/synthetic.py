@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from effbench.data.base import ImageDataModule
 from effbench.errors import EffbenchError
+from effbench.task import task_of
 
 
 class SyntheticDataModule(ImageDataModule):
@@ -24,7 +25,7 @@ class SyntheticDataModule(ImageDataModule):
         self.classes, self.resolution = int(num_classes), int(resolution)
         self.multilabel, self.noise, self.label_prob = bool(multilabel), float(noise), label_prob
         self.seed = int(seed)
-        self.task = "multilabel" if self.multilabel else "multiclass"
+        self.task = task_of(self.multilabel)
 
     @property
     def cache_key(self) -> dict:

@@ -58,6 +58,8 @@ from effbench.received import (
     shown,
 )
 from effbench.rundir import write_bytes_atomic
+from effbench.task import TASKS as TASK_NAMES
+from effbench.task import is_multilabel
 
 if TYPE_CHECKING:
     from effbench.context import RunContext
@@ -350,7 +352,7 @@ MANIFEST_ENTRIES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "backbone": (lambda v: isinstance(v, dict), "the backbone's config (a mapping)"),
     "image_size": (lambda v: v is None or _is_int(v, 1, 4096), "null or a size in pixels"),
     "num_classes": (lambda v: _is_int(v, 1), "a number of classes"),
-    "task": (lambda v: v in ("multiclass", "multilabel"), "multiclass or multilabel"),
+    "task": (lambda v: v in TASK_NAMES, " or ".join(TASK_NAMES)),
     "class_names": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
                     "a list of class names"),
     "preprocessing": (lambda v: isinstance(v, dict), "the test step's preprocessing"),
@@ -728,7 +730,7 @@ def evaluate(model: LoadedModel, run_dir: str | Path | None = None,
         with torch.no_grad():
             for images, y in dm.loader("test", shuffle=False):
                 logits = model(images)
-                metrics.update(logits.float(), y.long() if dm.task == "multilabel" else y)
+                metrics.update(logits.float(), y.long() if is_multilabel(dm.task) else y)
                 probs.append(probabilities(logits.float(), dm.task))
     except RuntimeError as err:  # shapes of a manifest that does not describe this model
         raise EffbenchError(f"the model in {model.model_dir} does not run on the test images "

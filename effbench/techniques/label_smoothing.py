@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effbench.errors import EffbenchError
+from effbench.task import is_multilabel
 from effbench.technique import Technique, register
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class LabelSmoothing(Technique):
     def configure_model(self, ctx: RunContext) -> None:
         dm = ctx.datamodule
         ctx.system.loss_fn = SmoothedLoss(ctx.system.loss_fn, self.smoothing, dm.num_classes,
-                                          multilabel=dm.task == "multilabel")
+                                          multilabel=is_multilabel(dm.task))
 
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         return {"applies_to": "training loss (validation and test use the true labels)"}

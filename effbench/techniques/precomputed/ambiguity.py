@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import torch
 
+from effbench.task import is_multilabel
+
 
 def ambiguity(logits: torch.Tensor, task: str) -> torch.Tensor:
     """Per-sample ambiguity in [0, 1] (1 = a tie between the top two classes / p = 0.5)."""
     logits = logits.detach().float()
-    if task == "multilabel":
+    if is_multilabel(task):
         p = torch.sigmoid(logits)
         return (1.0 - (2.0 * p - 1.0).abs()).mean(dim=1)
     if logits.shape[1] < 2:

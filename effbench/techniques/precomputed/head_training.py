@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from effbench.metrics import build_metrics, split_scalars
+from effbench.task import is_multilabel
 from effbench.techniques.precomputed.ambiguity import ambiguity_weights
 
 Split = tuple[torch.Tensor, torch.Tensor]
@@ -78,7 +79,7 @@ def scores(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, task: str,
     """Loss and torchmetrics of ``logits`` against ``y`` under ``prefix`` (metrics reset after)."""
     with torch.no_grad():
         loss = float(loss_fn(logits, y))
-    metrics.update(logits.float(), y.long() if task == "multilabel" else y)
+    metrics.update(logits.float(), y.long() if is_multilabel(task) else y)
     scalars, per_class = split_scalars(metrics.compute(), prefix, class_names)
     metrics.reset()
     return {**scalars, f"{prefix}/loss": loss}, per_class

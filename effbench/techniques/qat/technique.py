@@ -30,6 +30,7 @@ from effbench.model import cpu_latency_ms, module_bytes
 from effbench.model.int8 import lower_x86, padded_forward
 from effbench.model.saved import SavedModel, int8_graph_model
 from effbench.summary import state_dict_bytes
+from effbench.task import is_multilabel
 from effbench.technique import Technique, Train, register
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ def convert_int8(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def agreement(a: torch.Tensor, b: torch.Tensor, task: str) -> float:
     """Fraction of samples whose predicted label(s) are identical under both logits."""
-    if task == "multilabel":
+    if is_multilabel(task):
         return float(((a > 0) == (b > 0)).all(dim=1).float().mean())
     return float((a.argmax(1) == b.argmax(1)).float().mean())
 
@@ -263,7 +264,7 @@ class Qat(Technique):
                                   leave=False):
                 xb = dm.normalize(images)
                 fq, q = fake_quant(xb), padded_forward(lowered, xb, self.latency_batch)
-                metrics.update(q.float(), y.long() if dm.task == "multilabel" else y)
+                metrics.update(q.float(), y.long() if is_multilabel(dm.task) else y)
                 fq_all.append(fq)
                 q_all.append(q)
         scalars, per_class = split_scalars(metrics.compute(), "int8/test", dm.class_names)
