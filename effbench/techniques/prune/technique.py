@@ -318,19 +318,24 @@ class ChannelPruning(GradualPruning):
 
 @register
 class Prune(Technique):
-    """Gradual magnitude pruning (see the module docstring); composable with the shared fit."""
+    """Gradual magnitude pruning (see the module docstring); composable with the shared fit.
+
+    ``structure`` chooses one of two techniques that share the schedule and its options:
+    :class:`UnstructuredPrune` (masks, then zeros) or :class:`ChannelPrune` (whole channels
+    removed); ``Prune(...)`` builds the one asked for."""
 
     name = "prune"
     order = 30
     acts_on = frozenset({"model", "callbacks", "checkpoint"})
     needs = frozenset({"backbone_grad"})
     # Masks are hooks; channel pruning replaces parameters and resizes layers during training.
-    # Either way a later graph export (qat) must wait until ``settle``.
+    # Either way a later graph export must wait until ``settle``.
     reparametrizes = True
 
-    @property
-    def sparsifies(self) -> bool:  # masks become zeros; removed channels leave dense tensors
-        return self.structure != "channel"
+    def __new__(cls, *args: Any, **kwargs: Any) -> Prune:
+        if cls is Prune:
+            cls = ChannelPrune if kwargs.get("structure") == "channel" else UnstructuredPrune
+        return super().__new__(cls)
 
     def __init__(self, name: str = "prune", final_sparsity: float = 0.5,
                  initial_sparsity: float = 0.1,
@@ -423,18 +428,33 @@ class Prune(Technique):
                                 f"strategy.prune.final_sparsity={self.final_sparsity:g}; use "
                                 f"trainer.max_epochs={math.ceil(self.end)} or more, or end the "
                                 f"schedule sooner with strategy.prune.end={epochs}.")
-        if self.structure == "channel":
-            import_torch_pruning()
-            if ctx.resume:
-                raise EffbenchError(f"resume={ctx.resume['path']} cannot continue a "
-                                    "strategy.prune.structure=channel run, whose checkpoints hold "
-                                    "layers with fewer channels than the model built at start; "
-                                    "start a new run instead.")
+    def callbacks(self, ctx: RunContext) -> list[Callback]:
+        assert self._pruner is not None, "configure_model runs before callbacks"
+        return [self._pruner]
+
+    def saved_model(self, ctx: RunContext) -> SavedModel | None:
+        # Compressed: the pruned tensors by their nonzeros + a bitmask (unstructured), the
+        # smaller layers' shapes (channel): the file is as small as the pruning made the model.
+        return network_model(ctx, compress=True)
+
+    def _schedule_facts(self, pruner: GradualPruning) -> dict[str, Any]:
+        completed = pruner.last_step >= pruner.end_step if pruner.schedules else False
+        if not completed:
+            log.warning("training stopped before the pruning schedule ended (step %d of %d): "
+                        "the sparsity reported is below the target", pruner.last_step,
+                        pruner.end_step)
+        return {"schedule_steps": {"begin": pruner.begin_step, "end": pruner.end_step,
+                                   "every": pruner.every},
+                "schedule_completed": completed, "schedule_history": pruner.history}
+
+
+class UnstructuredPrune(Prune):
+    """``structure=unstructured``: ``torch.nn.utils.prune`` masks on the schedule, made zeros for
+    good at ``settle``; the saved model stores the pruned tensors by their nonzeros."""
+
+    sparsifies = True
 
     def configure_model(self, ctx: RunContext) -> None:
-        if self.structure == "channel":
-            self._configure_channels(ctx)
-            return
         scope = self.layers(ctx.system)
         # Only what trains: a frozen layer's zeros could never be compensated by its other
         # weights (an earlier technique, freeze, has set requires_grad by now).
@@ -465,36 +485,7 @@ class Prune(Technique):
                                       self.initial_sparsity, self.power, self.start, self.end,
                                       self.unit, self.frequency, self.mode)
 
-    def _configure_channels(self, ctx: RunContext) -> None:
-        system = ctx.system
-        layers = conv_layers(system.backbone, "backbone")
-        if not layers:
-            raise EffbenchError(f"strategy.prune.structure=channel finds no conv layer in backbone "
-                                f"{ctx.cfg.backbone.name}; use "
-                                "strategy.prune.structure=unstructured.")
-        self._example = example_batch(ctx.datamodule, self.latency_batch)
-        with ctx.phase("compress"):
-            # The unpruned model, kept for its latency next to the pruned one's at the end.
-            self._before = self._measure(system)
-        self._pruner = ChannelPruning(system, layers, self._example, self.final_sparsity,
-                                      self.initial_sparsity, self.power, self.start, self.end,
-                                      self.unit, self.frequency, self.mode)
-
-    def _measure(self, system: nn.Module) -> dict[str, Any]:
-        """Parameters, MACs (one image), state-dict bytes and a CPU copy of backbone + head."""
-        assert self._example is not None
-        model = copy.deepcopy(nn.Sequential(system.backbone, system.head)).cpu().eval()
-        return {"params": sum(p.numel() for p in system.parameters()),
-                "macs": count_macs(model, self._example[:1]),
-                "size_bytes": state_dict_bytes(system), "model": model}
-
-    def callbacks(self, ctx: RunContext) -> list[Callback]:
-        assert self._pruner is not None, "configure_model runs before callbacks"
-        return [self._pruner]
-
     def headline(self, summary: dict[str, Any]) -> str | None:
-        if self.structure == "channel":
-            return self._channel_headline(summary)
         s, m = self.facts(summary), summary["model"]
         dense, zipped = m.get("size_bytes"), m.get("size_bytes_compressed")
         done = "" if s.get("schedule_completed") else " (schedule NOT completed)"
@@ -502,30 +493,8 @@ class Prune(Technique):
                 f"{self.final_sparsity:.0%}){done}   size {dense / 2**20:.2f} MB dense → "
                 f"{zipped / 2**20:.2f} MB compressed")
 
-    def _channel_headline(self, summary: dict[str, Any]) -> str:
-        s, m = self.facts(summary), summary["model"]
-        done = "" if s.get("schedule_completed") else " (schedule NOT completed)"
-        speed = m.get("speedup") or 0
-        verdict = f"{speed:.2f}× faster" if speed >= 1 else f"{1 / speed:.2f}× SLOWER" if speed \
-            else "n/a"
-        return (f"channels removed {s.get('channel_sparsity', 0):.1%} (target "
-                f"{self.final_sparsity:.0%}){done}   params {m['params_before']:,} → "
-                f"{m['params_after']:,}   MACs {m['macs_before'] / 1e6:.1f} M → "
-                f"{m['macs_after'] / 1e6:.1f} M   size {m['size_bytes_before'] / 2**20:.2f} MB → "
-                f"{m['size_bytes_structured'] / 2**20:.2f} MB   CPU latency "
-                f"{m['latency_ms_before']:.1f} ms → {m['latency_ms_after']:.1f} ms ({verdict}, "
-                f"batch {self.latency_batch})")
-
     def settle(self, ctx: RunContext) -> None:
         assert self._pruner is not None
-        if self.structure == "channel":
-            # Nothing to make permanent (the channels are gone); what the pruned model is, is
-            # recorded now, before a later technique (qat) rebuilds it.
-            if not self._after:
-                with ctx.phase("compress"):
-                    self._after = self._measure(ctx.system)
-                self._pruner.release()
-            return
         with ctx.phase("compress"):
             for module in self._pruner.layers.values():
                 if prune.is_pruned(module):
@@ -535,17 +504,10 @@ class Prune(Technique):
     def kept_zeros(self) -> list[tuple[Any, Any]]:
         return list(getattr(self, "_zeros", []))
 
-    def saved_model(self, ctx: RunContext) -> SavedModel | None:
-        # Compressed: the pruned tensors by their nonzeros + a bitmask (unstructured), the
-        # smaller layers' shapes (channel): the file is as small as the pruning made the model.
-        return network_model(ctx, compress=True)
-
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         pruner = self._pruner
         assert pruner is not None
         self.settle(ctx)
-        if self.structure == "channel":
-            return self._finalize_channels(ctx, pruner)
         with ctx.phase("compress"):
             per_layer = {n: layer_sparsity(m) for n, m in pruner.layers.items()}
             sizes = {n: m.weight.numel() for n, m in pruner.layers.items()}
@@ -568,18 +530,70 @@ class Prune(Technique):
                       "sparsity_params": zeros / sum(p.numel() for p in params)},
         }
 
-    def _schedule_facts(self, pruner: GradualPruning) -> dict[str, Any]:
-        completed = pruner.last_step >= pruner.end_step if pruner.schedules else False
-        if not completed:
-            log.warning("training stopped before the pruning schedule ended (step %d of %d): "
-                        "the sparsity reported is below the target", pruner.last_step,
-                        pruner.end_step)
-        return {"schedule_steps": {"begin": pruner.begin_step, "end": pruner.end_step,
-                                   "every": pruner.every},
-                "schedule_completed": completed, "schedule_history": pruner.history}
 
-    def _finalize_channels(self, ctx: RunContext, pruner: GradualPruning) -> dict[str, Any]:
+class ChannelPrune(Prune):
+    """``structure=channel``: whole conv output channels removed on the schedule (torch-pruning);
+    the end reports parameters, MACs, size and CPU latency before and after."""
+
+    def check(self, ctx: RunContext) -> None:
+        super().check(ctx)
+        import_torch_pruning()
+        if ctx.resume:
+            raise EffbenchError(f"resume={ctx.resume['path']} cannot continue a "
+                                "strategy.prune.structure=channel run, whose checkpoints hold "
+                                "layers with fewer channels than the model built at start; "
+                                "start a new run instead.")
+
+    def configure_model(self, ctx: RunContext) -> None:
+        system = ctx.system
+        layers = conv_layers(system.backbone, "backbone")
+        if not layers:
+            raise EffbenchError(f"strategy.prune.structure=channel finds no conv layer in backbone "
+                                f"{ctx.cfg.backbone.name}; use "
+                                "strategy.prune.structure=unstructured.")
+        self._example = example_batch(ctx.datamodule, self.latency_batch)
+        with ctx.phase("compress"):
+            # The unpruned model, kept for its latency next to the pruned one's at the end.
+            self._before = self._measure(system)
+        self._pruner = ChannelPruning(system, layers, self._example, self.final_sparsity,
+                                      self.initial_sparsity, self.power, self.start, self.end,
+                                      self.unit, self.frequency, self.mode)
+
+    def _measure(self, system: nn.Module) -> dict[str, Any]:
+        """Parameters, MACs (one image), state-dict bytes and a CPU copy of backbone + head."""
+        assert self._example is not None
+        model = copy.deepcopy(nn.Sequential(system.backbone, system.head)).cpu().eval()
+        return {"params": sum(p.numel() for p in system.parameters()),
+                "macs": count_macs(model, self._example[:1]),
+                "size_bytes": state_dict_bytes(system), "model": model}
+
+    def headline(self, summary: dict[str, Any]) -> str | None:
+        s, m = self.facts(summary), summary["model"]
+        done = "" if s.get("schedule_completed") else " (schedule NOT completed)"
+        speed = m.get("speedup") or 0
+        verdict = f"{speed:.2f}× faster" if speed >= 1 else f"{1 / speed:.2f}× SLOWER" if speed \
+            else "n/a"
+        return (f"channels removed {s.get('channel_sparsity', 0):.1%} (target "
+                f"{self.final_sparsity:.0%}){done}   params {m['params_before']:,} → "
+                f"{m['params_after']:,}   MACs {m['macs_before'] / 1e6:.1f} M → "
+                f"{m['macs_after'] / 1e6:.1f} M   size {m['size_bytes_before'] / 2**20:.2f} MB → "
+                f"{m['size_bytes_structured'] / 2**20:.2f} MB   CPU latency "
+                f"{m['latency_ms_before']:.1f} ms → {m['latency_ms_after']:.1f} ms ({verdict}, "
+                f"batch {self.latency_batch})")
+
+    def settle(self, ctx: RunContext) -> None:
+        assert self._pruner is not None
+        # Nothing to make permanent (the channels are gone); what the pruned model is, is
+        # recorded now, before a later technique rebuilds it.
+        if not self._after:
+            with ctx.phase("compress"):
+                self._after = self._measure(ctx.system)
+            self._pruner.release()
+
+    def finalize(self, ctx: RunContext) -> dict[str, Any]:
+        pruner = self._pruner
         assert isinstance(pruner, ChannelPruning) and self._example is not None
+        self.settle(ctx)
         before, after = self._before, self._after
         with ctx.phase("latency"):  # side by side, same input, same threads
             before_ms = cpu_latency_ms(before["model"], self._example, self.latency_min_time)
