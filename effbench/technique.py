@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 Train = Callable[..., None]
 
 # What a technique may change. Two techniques that both own a "sampling" or a "loop" conflict.
-ACTS_ON = ("model", "callbacks", "sampling", "loop", "checkpoint", "export")
+ACTS_ON = ("model", "loss", "callbacks", "sampling", "loop", "checkpoint", "export")
 EXCLUSIVE = ("sampling", "loop")
 
 

@@ -134,3 +134,11 @@ def test_a_bad_save_model_value_is_one_sentence(tmp_path: Path) -> None:
     summary = run_job(tmp_path, ["strategy=precomputed", "strategy.precomputed.save_model=maybe"])
     assert summary["status"] == "failed"
     assert "strategy.precomputed.save_model='maybe'" in summary["error"]
+
+
+def test_the_code_fingerprint_reads_every_file_it_names() -> None:
+    """The index key covers the code that makes pixels and features: a path that no longer
+    exists (a file moved) would silently drop out of it, and edits would not invalidate."""
+    paths = [lookup._PACKAGE / p for p in lookup.CODE]
+    assert all(p.exists() for p in paths), [str(p) for p in paths if not p.exists()]
+    assert len(lookup.code_fingerprint()) >= len(paths)

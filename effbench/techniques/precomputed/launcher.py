@@ -9,7 +9,7 @@ says with how many heads it trained and its share of the group's time and energy
 runs one after another, exactly like the basic launcher; a one-line notice says which and why.
 
 A group's first job runs alone when the cache has no index entry yet (it extracts the features and
-proves the cached test features equal the model's test, see ``strategies/precomputed.py``); the
+proves the cached test features equal the model's test, see ``technique.py``); the
 group's other heads then train batched.
 
 Hydra instantiates launchers only from the ``hydra_plugins`` package (a plugin-discovery rule).

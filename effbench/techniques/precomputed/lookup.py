@@ -38,10 +38,11 @@ from effbench.techniques.precomputed.cache import EXTRACTOR_VERSION, digest
 
 # Dataset options that change how images are served, never which pixels the backbone sees.
 SERVING_ONLY = ("num_workers", "pin_memory", "memory_budget_gb", "eval_batch_size", "cache_dir")
-_PACKAGE = Path(__file__).resolve().parents[1]
+_PACKAGE = Path(__file__).resolve().parents[2]  # effbench/
 # The code between a file on disk and a feature vector.
-CODE = ("data", "backbones", "features/extract.py", "features/bn_adapt.py",
-        "features/cache.py", "features/lookup.py")
+_HERE = Path(__file__).resolve().parent.relative_to(_PACKAGE)
+CODE = ("data", "backbones", *(str(_HERE / f) for f in ("extract.py", "bn_adapt.py", "cache.py",
+                                                         "lookup.py")))
 
 
 def _stat(path: Path, rel_to: Path | None = None) -> list[Any]:
