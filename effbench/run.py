@@ -17,9 +17,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from effbench import pipeline, predictions
+from effbench import pipeline, predictions, results
 from effbench.compare.hparams import log_hparams
-from effbench.config import techniques as techniques_label
 from effbench.context import RunContext, RunRecord
 from effbench.data.base import ImageDataModule
 from effbench.errors import EffbenchError, user_message
@@ -45,16 +44,13 @@ from effbench.rundir import (
 )
 from effbench.stack import build_techniques, check_compatible, requirement
 from effbench.summary import (
-    SCHEMA_VERSION,
     environment,
-    model_stats,
     peak_memory_mb,
     write_json_atomic,
 )
 from effbench.system import ClassifierSystem, Diverged
-from effbench.task import is_multilabel
 from effbench.technique import Technique
-from effbench.tracking import EnergyTracker, add_to_phase, check_country
+from effbench.tracking import EnergyTracker, check_country
 from effbench.validate import check_data, check_strategy_trainer_keys, validate
 
 log = logging.getLogger(__name__)
@@ -115,25 +111,6 @@ def _set_by_user(key: str, overrides: list[str]) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
 
 
-def new_summary(cfg: DictConfig, run_dir: Path, choices: dict[str, str],
-                overrides: list[str]) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION, "status": "failed", "error": None,
-        "run_dir": str(run_dir),
-        "choices": {**{k: choices.get(k) for k in ("backbone", "dataset", "hardware", "optim")},
-                    "strategy": techniques_label(cfg.get("strategy")),
-                    "techniques": list(cfg.get("strategy") or []),
-                    "seed": cfg.get("seed"), "experiment": choices.get("experiment")},
-        "overrides": list(overrides), "metrics": {}, "per_class": {}, "best_val": {},
-        "objective": {"metric": cfg.get("objective"), "value": None},
-        "epochs": None, "time_s": {}, "throughput_img_s": None,
-        "energy": {"kwh": None, "co2_kg": None}, "peak_mem_mb": None,
-        "model": {"params_total": None, "params_trainable": None, "size_bytes": None},
-        "data": {}, "hardware": {}, "env": {}, "strategy": {}, "resumed_from": None,
-        "headline": None,
-    }
-
-
 def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str],
         original_cwd: str | Path = ".") -> dict[str, Any]:
     """Runs one job and returns (and, on rank 0, writes) its summary. Never raises.
@@ -142,7 +119,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     that another live job holds is refused, and nothing is written into it.
     """
     run_dir = Path(run_dir)
-    summary = new_summary(cfg, run_dir, choices, overrides)
+    summary = results.new_summary(cfg, run_dir, choices, overrides)
     start = time.perf_counter()
     load_at_start = os.getloadavg()
     quiet_third_party()
@@ -219,12 +196,12 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         times = ctx.times
         tracker.start()
         summary["strategy"], model_facts = pipeline.run(ctx, techniques, recipe)
-        summary["energy"] = _with_batched_share(_whole_run_energy(tracker.stop(), ctx.record),
-                                                summary["strategy"])
-        _fill_results(summary, ctx, model_facts)
+        energy = results.whole_run_energy(tracker.stop(), ctx.record)
+        summary["energy"] = results.with_batched_share(energy, summary["strategy"])
+        results.fill_results(summary, ctx, model_facts)
         if rank0:  # <run>/predictions.npz: per test sample, for paired comparisons
             summary["predictions"] = predictions.write(run_dir, ctx.system, ctx.datamodule)
-        summary["objective"] = objective(cfg, summary)
+        summary["objective"] = results.objective(cfg, summary)
         summary["headline"] = pipeline.headline(techniques, summary)
         if rank0:  # TensorBoard's HParams tab: config + final metrics
             log_hparams(ctx.loggers(), cfg, {**summary, "time_s": dict(ctx.times)})
@@ -261,54 +238,13 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         summary["time_s"]["train_before_resume"] = ctx.record.before["train_s"]
     summary["peak_mem_mb"] = peak_memory_mb(accelerator)
     summary["env"] = environment(device_name(accelerator), original_cwd, load_at_start)
-    summary["hardware"] = _hardware(cfg, ctx, accelerator)
+    summary["hardware"] = results.hardware(cfg, ctx, accelerator)
     if rank0 and touched:
         _write_records(cfg, run_dir, summary)
         # Trackers (MLflow, W&B) get summary.json as an artifact and close their run.
         finish_loggers(ctx.built_loggers if ctx is not None else None, run_dir / "summary.json",
                        cfg)
     return summary
-
-
-def objective(cfg: DictConfig, summary: dict[str, Any]) -> dict[str, Any]:
-    """The value a sweeper optimises: from ``metrics`` (e.g. val/acc_max) or the best-val-loss
-    epoch (``best_val``, e.g. val/acc). validate() has already refused a test metric unless the
-    user asked for it."""
-    metric = str(cfg.get("objective") or default_objective(summary["data"].get("task")))
-    value = summary["metrics"].get(metric, summary["best_val"].get(metric))
-    source = "metrics" if metric in summary["metrics"] else "best_val"
-    return {"metric": metric, "value": value, "source": source if value is not None else None}
-
-
-def default_objective(task: str | None) -> str:
-    """The headline of the task: macro AUROC for multilabel data (accuracy there is per label at
-    0.5, which the multilabel studies never report), validation accuracy otherwise."""
-    return "val/auroc_macro" if is_multilabel(task) else "val/acc"
-
-
-def _whole_run_energy(energy: dict[str, Any], record: RunRecord) -> dict[str, Any]:
-    """After a resume, the interrupted part's energy (saved in the checkpoint) is added."""
-    before = record.before.get("kwh") or 0.0
-    if before and energy.get("kwh") is not None:
-        share = energy["co2_kg"] / energy["kwh"] if energy["kwh"] else 0.0
-        energy = {**add_to_phase(energy, "train", before, before * share),
-                  "kwh": energy["kwh"] + before,
-                  "co2_kg": energy["co2_kg"] + before * share, "kwh_before_resume": before}
-    return energy
-
-
-def _with_batched_share(energy: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
-    """A head trained batched with its sweep group (hydra/launcher=batched_heads) was trained
-    outside this job's tracker: its share of the group's measured energy joins the job's own."""
-    group = next((f["batched"] for f in facts.values() if isinstance(f, dict)
-                  and isinstance(f.get("batched"), dict)), None)
-    if not group or group.get("energy_kwh_share") is None or energy.get("kwh") is None:
-        return energy
-    energy = add_to_phase(energy, "train", group["energy_kwh_share"],
-                          group.get("co2_kg_share") or 0.0)
-    return {**energy, "kwh": energy["kwh"] + group["energy_kwh_share"],
-            "co2_kg": (energy.get("co2_kg") or 0.0) + (group.get("co2_kg_share") or 0.0),
-            "kwh_batched_share": group["energy_kwh_share"]}
 
 
 def _write_error_log(run_dir: Path, text: str) -> None:
@@ -355,74 +291,6 @@ def _resolvable(cfg: DictConfig) -> bool:
         return True
     except Exception:  # noqa: BLE001
         return False
-
-
-def _hardware(cfg: DictConfig, ctx: RunContext | None, accelerator: str) -> dict[str, Any]:
-    """What ran: the resolved plan (precision a strategy required included), not the request."""
-    hw, t = cfg.hardware, cfg.trainer
-    plan = ctx.trainer_args if ctx else {}
-    return {"preset": hw.name, "accelerator": accelerator,
-            "devices": str(plan.get("devices", t.devices)),
-            "strategy": str(plan.get("strategy", t.strategy)),
-            "precision": str(plan.get("precision", t.precision)),
-            "num_nodes": int(t.get("num_nodes") or 1),
-            "world_size": ctx.world_size if ctx else 1,
-            "cpu_threads": torch.get_num_threads(),
-            "specs": OmegaConf.to_container(hw.specs, resolve=True)}
-
-
-def _fill_results(summary: dict[str, Any], ctx: RunContext, model_facts: dict[str, Any]) -> None:
-    sys_ = ctx.system
-    summary["metrics"] = {**sys_.test_results.get("scalars", {}),
-                          **_val_max([*_numeric(ctx.history_rows), *sys_.val_history])}
-    summary["per_class"] = dict(sys_.test_results.get("per_class", {}))
-    summary["best_val"] = _best_val(sys_.best_val, _numeric(ctx.history_rows))
-    summary["epochs"] = ctx.epochs
-    summary["data"] = {**ctx.datamodule.describe(),
-                       "on_device": ctx.resident.facts if ctx.resident else {"on_device": False},
-                       "preprocessing": ctx.datamodule.preprocessing.describe()}
-    summary["model"] = {**model_stats(sys_), **model_facts}
-    if ctx.record.before["train_s"] and "train" in ctx.times:
-        ctx.times["train"] += ctx.record.before["train_s"]  # the whole run, both parts
-    if ctx.resume:
-        summary["resumed_at_epoch"] = ctx.resume["epoch"]
-    train_time = ctx.times.get("train")
-    images = ctx.record.total_images()
-    summary["throughput_img_s"] = images / train_time if images and train_time else None
-
-
-def _best_val(best: dict[str, float], before: list[dict[str, float]]) -> dict[str, float]:
-    """The lowest-val-loss epoch of the whole run: a resumed run also weighs the epochs before
-    the interruption (from the CSV history)."""
-    rows = [{k: v for k, v in r.items() if k.startswith("val/") or k == "epoch"}
-            for r in before if "val/loss" in r]
-    candidates = [*rows, *([dict(best)] if best else [])]
-    if not candidates:
-        return {}
-    chosen = min(candidates, key=lambda r: r["val/loss"])
-    return {**chosen, "epoch": int(chosen["epoch"])} if "epoch" in chosen else chosen
-
-
-def _numeric(rows: list[dict[str, str]]) -> list[dict[str, float]]:
-    """CSV rows of the part before a resume, as numbers (empty cells dropped)."""
-    out = []
-    for row in rows:
-        try:
-            out.append({k: float(v) for k, v in row.items() if v not in ("", None)})
-        except ValueError:
-            continue
-    return out
-
-
-def _val_max(history: list[dict[str, float]]) -> dict[str, float]:
-    """The best validation accuracy (and macro AUROC) over epochs — the data-subsampling study's
-    figure — next to the test metrics of the best-val-loss checkpoint."""
-    out = {}
-    for key in ("val/acc", "val/auroc_macro"):
-        values = [row[key] for row in history if row.get(key) is not None]
-        if values:
-            out[f"{key}_max"] = max(values)
-    return out
 
 
 def run_overrides(overrides: list[str], run_dir: Path) -> dict[str, Any]:

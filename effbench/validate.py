@@ -65,7 +65,7 @@ def check_trainer(cfg: DictConfig) -> None:
 
 # What a run records, by the name an objective uses: ``best_val`` holds the best-val-loss epoch's
 # validation scalars (system.py), ``metrics`` the test scalars and the best validation accuracy /
-# AUROC over epochs (run._val_max).
+# AUROC over epochs (results.val_max).
 METRICS = ("acc", "f1_macro", "auroc_macro")
 OBJECTIVES = (*(f"val/{m}" for m in (*METRICS, "loss")), "val/acc_max", "val/auroc_macro_max",
               *(f"test/{m}" for m in METRICS))
@@ -75,7 +75,7 @@ def check_objective(cfg: DictConfig) -> None:
     """A sweeper is never handed a test metric unless the user asks for it (objective_on_test),
     nor a name no run records (its value would always be null)."""
     if cfg.get("objective") is None:
-        return  # the task's headline (run.default_objective), a validation metric
+        return  # the task's headline (results.default_objective), a validation metric
     metric = str(cfg.get("objective"))
     if metric.startswith("test/") and not cfg.get("objective_on_test", False):
         raise EffbenchError(f"objective={metric} would tune on the test set; use a validation "

@@ -96,7 +96,7 @@ def test_cli_sweep_with_the_batched_launcher(tmp_path: Path) -> None:
 
 def test_a_batched_job_carries_its_share_of_the_group_energy() -> None:
     """The group's training ran outside each job's tracker: the job's energy adds its share."""
-    from effbench.run import _with_batched_share
+    from effbench.results import with_batched_share as _with_batched_share
 
     own = {"kwh": 0.001, "co2_kg": 0.0004, "mode": {"cpu": "tdp_x_load_estimate"}}
     facts = {"precomputed": {"batched": {"heads": 4, "energy_kwh_share": 0.002,

@@ -135,7 +135,7 @@ def wrong_type(summary: dict[str, Any]) -> str | None:
         if not isinstance(item, str):
             return f"its overrides[{i}] is a JSON {_json_type(item)}, not a string"
     for key, value in summary["choices"].items():
-        # choices.techniques is the stack as a list (run.new_summary): a real summary has it.
+        # choices.techniques is the stack as a list (results.new_summary): a real summary has it.
         if isinstance(value, dict) or (isinstance(value, list) and key != "techniques"):
             return f"its choices.{printable(key, 80)} is a JSON {_json_type(value)}, not a value"
     for key, value in (summary.get("metrics") or {}).items():
