@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,19 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# The edit loop: configs, imports and the core's rules, every refusal through the CLI, datasets,
+# backbones, compare, received folders; no training beyond a few tiny runs. `make test` (CI) runs all.
+FAST := tests/test_config.py tests/test_imports.py tests/test_bad_input.py tests/compare \
+        tests/data tests/backbones tests/test_received_folders.py
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(FAST) $(ARGS)
+
+# Every CPU figure of the README in one run (~10 min; take it on a quiet machine).
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_all.py $(ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check effbench tests scripts
+	$(BIN)/ruff check effbench tests scripts hydra_plugins
 
 clean:
 	rm -rf $(VENV) .pytest_cache
