@@ -20,6 +20,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import traceback
 
 PRELOAD = ("effbench.cli", "effbench.run", "effbench.compare.cli", "effbench.eval_cli")
@@ -63,7 +64,11 @@ def _child(req: dict) -> None:
         except BaseException:  # noqa: BLE001 - as the interpreter would: traceback, exit 1
             traceback.print_exc()
             code = 1
-        atexit._run_exitfuncs()  # logging's flush, codecarbon's, … as at a real exit
+        # What the interpreter does at exit, in its order: join the threads and run the thread
+        # pools' shutdown hooks (concurrent.futures, joblib's loky), then the atexit handlers
+        # (logging's flush, codecarbon's, …).
+        threading._shutdown()
+        atexit._run_exitfuncs()
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
     finally:
