@@ -47,6 +47,10 @@ class _Zygote:
                 with self.lock:
                     future = self.waiting.pop(msg["id"])
                 future.set_result(msg["rc"])
+        with self.lock:  # the zygote is gone: every command still waiting fails now
+            waiting, self.waiting = self.waiting, {}
+        for future in waiting.values():
+            future.set_exception(RuntimeError("the test zygote ended while a command ran"))
 
     def _send(self, obj: dict) -> None:
         with self.lock:
