@@ -3,8 +3,12 @@ what a saved int8 model is rebuilt into (effbench/model/saved.py): both compute 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+from effbench.task import is_multilabel
 
 
 def lower_x86(converted: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
@@ -47,3 +51,44 @@ class FixedBatch(nn.Module):
         # An exported graph refuses train()/eval() (it has no train mode: it is inference only).
         self.training = mode
         return self
+
+
+def x86_quantizer(scope: str, qat: bool) -> Any:
+    """torchao's x86 int8 quantizer (per-channel symmetric weights, per-tensor activations) for
+    the conv layers (``scope=conv``) or every conv and linear (``all``); ``qat``: the fake-quant
+    config of quantization-aware training, else static post-training quantization."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    config = get_default_x86_inductor_quantization_config(is_qat=qat)
+    quantizer = X86InductorQuantizer()
+    if scope == "all":
+        return quantizer.set_global(config)
+    return quantizer.set_module_type_qconfig(nn.Conv2d, config)
+
+
+def drop_unused_tensors(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Removes parameters/buffers the graph no longer reads (conversion leaves the fp32 originals
+    of the int8 weights behind), so the state dict holds what inference needs."""
+    used = {n.target for n in graph.graph.nodes if n.op == "get_attr"}
+    named = [*graph.named_parameters(), *graph.named_buffers()]
+    for name, _ in named:
+        if name not in used:
+            owner, _, leaf = name.rpartition(".")
+            delattr(graph.get_submodule(owner) if owner else graph, leaf)
+    return graph
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor, task: str) -> float:
+    """Fraction of samples whose predicted label(s) are identical under both logits."""
+    if is_multilabel(task):
+        return float(((a > 0) == (b > 0)).all(dim=1).float().mean())
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
+def quantized_weight_bytes(float_model: nn.Module, scope: str) -> int:
+    """fp32 bytes of the weights the scope quantizes (what int8 shrinks fourfold)."""
+    types = (nn.Conv2d,) if scope == "conv" else (nn.Conv2d, nn.Linear)
+    return sum(m.weight.numel() * 4 for m in float_model.modules() if isinstance(m, types))

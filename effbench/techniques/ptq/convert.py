@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from torch import nn
 
 # Shared with qat rather than copied: the converted graph must be pruned of its fp32 originals
 # the same way in both, or their sizes would not compare.
-from effbench.techniques.qat.technique import drop_unused_tensors
+from effbench.model.int8 import drop_unused_tensors, x86_quantizer
 
 SCOPES = ("conv", "all")
 
@@ -35,20 +34,6 @@ def float_network(system: nn.Module) -> nn.Module:
     return network
 
 
-def int8_quantizer(scope: str) -> Any:
-    """Static (not QAT) x86 int8: per-channel symmetric weights, per-tensor activations."""
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
-
-    config = get_default_x86_inductor_quantization_config(is_qat=False)
-    quantizer = X86InductorQuantizer()
-    if scope == "all":
-        return quantizer.set_global(config)
-    return quantizer.set_module_type_qconfig(nn.Conv2d, config)
-
-
 def prepare_int8(network: nn.Module, example: torch.Tensor, scope: str) -> torch.fx.GraphModule:
     """The network exported (eval mode, dynamic batch) with observers for ``scope``."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
@@ -58,7 +43,7 @@ def prepare_int8(network: nn.Module, example: torch.Tensor, scope: str) -> torch
     # quantization partitions.
     graph = torch.export.export(network.eval(), (example,), dynamic_shapes=({0: batch},),
                                 strict=True).module()
-    return prepare_pt2e(graph, int8_quantizer(scope))
+    return prepare_pt2e(graph, x86_quantizer(scope, qat=False))
 
 
 def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[torch.Tensor]) -> tuple[int, int]:

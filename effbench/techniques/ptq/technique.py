@@ -28,14 +28,13 @@ from effbench.data.base import EpochShuffle
 from effbench.errors import EffbenchError
 from effbench.metrics import build_metrics, probabilities, split_scalars
 from effbench.model import cpu_latency_ms, module_bytes, sparse
-from effbench.model.int8 import lower_x86, padded_forward
+from effbench.model.int8 import agreement, lower_x86, padded_forward, quantized_weight_bytes
 from effbench.model.saved import Network, SavedModel, int8_graph_model, network_model
 from effbench.model.shapes import module_shapes
 from effbench.summary import state_dict_bytes
 from effbench.task import is_multilabel
 from effbench.technique import Technique, register
 from effbench.techniques.ptq import convert
-from effbench.techniques.qat.technique import agreement, quantized_weight_bytes
 
 if TYPE_CHECKING:
     from effbench.context import RunContext

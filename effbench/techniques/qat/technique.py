@@ -27,7 +27,14 @@ from tqdm.auto import tqdm
 from effbench.errors import EffbenchError
 from effbench.metrics import build_metrics, probabilities, split_scalars
 from effbench.model import cpu_latency_ms, module_bytes
-from effbench.model.int8 import lower_x86, padded_forward
+from effbench.model.int8 import (
+    agreement,
+    drop_unused_tensors,
+    lower_x86,
+    padded_forward,
+    quantized_weight_bytes,
+    x86_quantizer,
+)
 from effbench.model.saved import SavedModel, int8_graph_model
 from effbench.summary import state_dict_bytes
 from effbench.task import is_multilabel
@@ -42,19 +49,6 @@ QAT_SCOPES = ("conv", "all")
 PRECISION = "32-true"
 
 
-def _quantizer(scope: str) -> Any:
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
-
-    config = get_default_x86_inductor_quantization_config(is_qat=True)
-    quantizer = X86InductorQuantizer()
-    if scope == "all":
-        return quantizer.set_global(config)
-    return quantizer.set_module_type_qconfig(nn.Conv2d, config)
-
-
 def prepare_qat(model: nn.Module, example: torch.Tensor, scope: str) -> torch.fx.GraphModule:
     """Exports ``model`` (train mode, dynamic batch) and inserts fake quantization for ``scope``."""
     from torchao.quantization.pt2e import allow_exported_model_train_eval
@@ -66,21 +60,9 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, scope: str) -> torch.fx
     # quantization partitions, not one with two outputs (which the x86 quantizer rejects).
     graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},),
                                 strict=True).module()
-    prepared = prepare_qat_pt2e(graph, _quantizer(scope))
+    prepared = prepare_qat_pt2e(graph, x86_quantizer(scope, qat=True))
     allow_exported_model_train_eval(prepared)  # Lightning's .train()/.eval() switch BN & dropout
     return prepared
-
-
-def drop_unused_tensors(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Removes parameters/buffers the graph no longer reads (conversion leaves the fp32 originals
-    of the int8 weights behind), so the state dict holds what inference needs."""
-    used = {n.target for n in graph.graph.nodes if n.op == "get_attr"}
-    named = [*graph.named_parameters(), *graph.named_buffers()]
-    for name, _ in named:
-        if name not in used:
-            owner, _, leaf = name.rpartition(".")
-            delattr(graph.get_submodule(owner) if owner else graph, leaf)
-    return graph
 
 
 def convert_int8(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -91,19 +73,6 @@ def convert_int8(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     model = copy.deepcopy(prepared)
     move_exported_model_to_eval(model)
     return drop_unused_tensors(convert_pt2e(model))
-
-
-def agreement(a: torch.Tensor, b: torch.Tensor, task: str) -> float:
-    """Fraction of samples whose predicted label(s) are identical under both logits."""
-    if is_multilabel(task):
-        return float(((a > 0) == (b > 0)).all(dim=1).float().mean())
-    return float((a.argmax(1) == b.argmax(1)).float().mean())
-
-
-def quantized_weight_bytes(float_model: nn.Module, scope: str) -> int:
-    """fp32 bytes of the weights the scope quantizes (what int8 shrinks fourfold)."""
-    types = (nn.Conv2d,) if scope == "conv" else (nn.Conv2d, nn.Linear)
-    return sum(m.weight.numel() * 4 for m in float_model.modules() if isinstance(m, types))
 
 
 @register
