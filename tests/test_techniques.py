@@ -26,6 +26,7 @@ OPTIONS = {
               "strategy.prune.final_sparsity=0.5"],
     "dynamic": ["strategy.dynamic.alpha=0.5", "strategy.dynamic.resample=false"],
     "qat": ["strategy.qat.latency_min_time=0.05", "strategy.qat.latency_batch=4"],
+    "ptq": ["strategy.ptq.latency_min_time=0.05", "strategy.ptq.latency_batch=4"],
     "freeze": ["strategy.freeze.frozen_stages=2"],
 }
 # freeze leaves only the head of small_cnn training, and prune prunes only what trains.
