@@ -53,16 +53,16 @@ class FixedBatch(nn.Module):
         return self
 
 
-def x86_quantizer(scope: str, qat: bool) -> Any:
+def x86_quantizer(scope: str, fake_quant: bool) -> Any:
     """torchao's x86 int8 quantizer (per-channel symmetric weights, per-tensor activations) for
-    the conv layers (``scope=conv``) or every conv and linear (``all``); ``qat``: the fake-quant
+    the conv layers (``scope=conv``) or every conv and linear (``all``); ``fake_quant``: the
     config of quantization-aware training, else static post-training quantization."""
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
     )
 
-    config = get_default_x86_inductor_quantization_config(is_qat=qat)
+    config = get_default_x86_inductor_quantization_config(is_qat=fake_quant)
     quantizer = X86InductorQuantizer()
     if scope == "all":
         return quantizer.set_global(config)

@@ -43,7 +43,7 @@ def prepare_int8(network: nn.Module, example: torch.Tensor, scope: str) -> torch
     # quantization partitions.
     graph = torch.export.export(network.eval(), (example,), dynamic_shapes=({0: batch},),
                                 strict=True).module()
-    return prepare_pt2e(graph, x86_quantizer(scope, qat=False))
+    return prepare_pt2e(graph, x86_quantizer(scope, fake_quant=False))
 
 
 def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[torch.Tensor]) -> tuple[int, int]:

@@ -60,7 +60,7 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, scope: str) -> torch.fx
     # quantization partitions, not one with two outputs (which the x86 quantizer rejects).
     graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},),
                                 strict=True).module()
-    prepared = prepare_qat_pt2e(graph, x86_quantizer(scope, qat=True))
+    prepared = prepare_qat_pt2e(graph, x86_quantizer(scope, fake_quant=True))
     allow_exported_model_train_eval(prepared)  # Lightning's .train()/.eval() switch BN & dropout
     return prepared
 
