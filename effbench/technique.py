@@ -25,6 +25,7 @@ import difflib
 import importlib
 import pkgutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytorch_lightning.callbacks import Callback
@@ -157,10 +158,10 @@ def register(cls: type[Technique]) -> type[Technique]:
 def registered() -> dict[str, type[Technique]]:
     """Every technique: each module of ``effbench.techniques`` (a package's ``technique``
     module) is imported once, and registers its class."""
-    import effbench.techniques as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        name = f"{package.__name__}.{info.name}"
+    # A plugin scan, not a dependency: the contract knows the folder, never a technique.
+    folder = Path(__file__).with_name("techniques")
+    for info in pkgutil.iter_modules([str(folder)]):
+        name = f"{__package__}.techniques.{info.name}"
         importlib.import_module(f"{name}.technique" if info.ispkg else name)
     return dict(sorted(_REGISTRY.items()))
 
