@@ -131,3 +131,13 @@ def run_eval(args: list[str], cwd: Path, timeout: float = 600,
              env: dict | None = None) -> subprocess.CompletedProcess:
     """``effbench-eval args`` in ``cwd``."""
     return run_command("effbench.eval_cli", args, cwd, timeout, env)
+
+
+def one_error_line(res: subprocess.CompletedProcess) -> str:
+    """A refused command as the user must see it: exit != 0, exactly one ``effbench: error:``
+    line and no traceback; returns that line."""
+    assert res.returncode != 0, res.stdout[-2000:]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("effbench: error:")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr + res.stdout
+    return errors[0]
