@@ -8,15 +8,14 @@ from typing import Any
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
 from safetensors.torch import load_file
 
 from effbench import pipeline
 from effbench.model.saved import evaluate, load
-from effbench.run import build_run
-from tests.conftest import TINY, compose_cfg, run_cli, run_job
+from tests.conftest import TINY, run_cli, run_job
 from tests.helpers.cli import one_error_line
+from tests.helpers.runs import configured
 
 # TINY: 96 training images in batches of 32, 2 epochs = 6 optimizer steps. A short horizon
 # (decay 0.5) so that the average of 6 steps is far from both the first and the last weights.
@@ -35,14 +34,7 @@ class StepWeights(Callback):
 
 
 def _context(tmp_path: Path, overrides: list[str]):
-    cfg = compose_cfg([*TINY, *EMA, *overrides])
-    OmegaConf.set_struct(cfg, False)
-    del cfg["hydra"]
-    ctx = build_run(cfg, tmp_path / "run")
-    for t in ctx.techniques:
-        t.check(ctx)
-        t.configure_model(ctx)
-    return ctx
+    return configured(tmp_path, [*TINY, *EMA, *overrides])
 
 
 def test_the_model_tested_is_the_moving_average_of_the_steps(tmp_path: Path) -> None:

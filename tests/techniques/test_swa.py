@@ -7,16 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
 from safetensors.torch import load_file
 from torch import nn
 
 from effbench import pipeline
 from effbench.model.saved import evaluate, load
-from effbench.run import build_run
-from tests.conftest import TINY, compose_cfg, run_cli, run_job
+from tests.conftest import TINY, run_cli, run_job
 from tests.helpers.cli import one_error_line
+from tests.helpers.runs import configured
 
 # cifar_cnn14 has BatchNorm (small_cnn has none); 3 epochs of 3 steps, averaging epochs 2 and 3.
 SWA = ["strategy=swa", "backbone=cifar_cnn14", "trainer.max_epochs=3",
@@ -34,14 +33,7 @@ class EpochEnds(Callback):
 
 
 def _context(tmp_path: Path, overrides: list[str]):
-    cfg = compose_cfg([*TINY, *SWA, *overrides])
-    OmegaConf.set_struct(cfg, False)
-    del cfg["hydra"]
-    ctx = build_run(cfg, tmp_path / "run")
-    for t in ctx.techniques:
-        t.check(ctx)
-        t.configure_model(ctx)
-    return ctx
+    return configured(tmp_path, [*TINY, *SWA, *overrides])
 
 
 def _first_batchnorm_input_mean(ctx: Any) -> torch.Tensor:
