@@ -61,11 +61,12 @@ def refit(ctx: RunContext, techniques: list[Technique], recipe: Recipe) -> None:
     """Phase *refit*: each technique's second training phase, if it has one. ``train`` keeps
     the weights every technique fixed at zero (``kept_zeros``) at zero."""
     zeros = [z for t in techniques for z in t.kept_zeros()]
-    for t in techniques:
-        def train(callbacks: list[Callback], subdir: str, **trainer_overrides: Any) -> None:
-            fit_and_test(ctx, recipe, [KeepZeros(zeros), *callbacks], subdir=subdir,
-                         **trainer_overrides)
 
+    def train(callbacks: list[Callback], subdir: str, **trainer_overrides: Any) -> None:
+        fit_and_test(ctx, recipe, [KeepZeros(zeros), *callbacks], subdir=subdir,
+                     **trainer_overrides)
+
+    for t in techniques:
         t.refit(ctx, train)
 
 
