@@ -69,6 +69,9 @@ from effbench.techniques.precomputed.head_training import (
 )
 from effbench.techniques.precomputed.heads import build_head
 from effbench.techniques.precomputed.lookup import lookup_key, lookup_parts
+from effbench.techniques.precomputed.probes import ProbeOptions, as_names, run_probes
+from effbench.techniques.precomputed.probes import check as check_probes
+from effbench.techniques.precomputed.probes import headline as probes_headline
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -171,8 +174,15 @@ class Precomputed(Technique):
                  bn_momentum: float | None = 0.1, bn_shuffle_seed: int = 0,
                  head_batch_size: int | None = None,
                  eval_on: str = "features", head_threads: int | None = None,
-                 save_model: bool = True) -> None:
+                 save_model: bool = True, probes: list[str] | None = None,
+                 probe_knn_k: int = 20, probe_logreg_c: float = 1.0,
+                 probe_logreg_max_iter: int = 1000) -> None:
         super().__init__(name)
+        # k-NN / logistic-regression probes fitted on the cached features after the head
+        # (probes.py): how good the features are, next to what the head made of them.
+        self.probes = as_names(probes)
+        self.probe_knn_k, self.probe_logreg_c = probe_knn_k, probe_logreg_c
+        self.probe_logreg_max_iter = probe_logreg_max_iter
         # A cache-hit job builds its backbone only to save the model (<run>/model/).
         self.save_model = save_model
         # CPU threads for head training (null: torch's default). 1 helps on an oversubscribed
@@ -287,6 +297,14 @@ class Precomputed(Technique):
             self._train(ctx, feats, device)
         with ctx.phase("eval"):
             self._test(ctx, feats, device)
+        # Both paths (cache hit or miss) and batched jobs come through here: the probes read
+        # the same cached features in every case.
+        # The summary's ``probes`` is always the results by probe ({} for none), never the
+        # option's list it would otherwise show.
+        ctx.extra[self.name]["probes"] = {}
+        if self.probes:
+            with ctx.phase("probes"):
+                self._probe(ctx, feats)
 
     def saved_model(self, ctx: RunContext) -> Any:
         """Backbone + head as they are (the generic saved model); a cache-hit job builds its
@@ -311,8 +329,10 @@ class Precomputed(Technique):
             how = f"cache miss: features built here in {built:.1f} s"
             passes = ("BN adaptation skipped" if bn.get("skipped") else
                       f"BN passes {bn.get('passes', 'n/a')}")
-        return (f"{how}   {passes}   head trained {s.get('head_epochs', 'n/a')} epochs on "
+        line = (f"{how}   {passes}   head trained {s.get('head_epochs', 'n/a')} epochs on "
                 f"{s.get('train_vectors', 'n/a')} feature vectors")
+        probes = probes_headline(s.get("probes") or {}, summary.get("data", {}).get("task"))
+        return f"{line}\n  {probes}" if probes else line
 
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         head = ctx.system.head
@@ -333,7 +353,9 @@ class Precomputed(Technique):
                                   **costs}}
 
     # -- phases -------------------------------------------------------------------------------
-    def _check(self) -> None:
+    def _check(self) -> ProbeOptions:
+        options = check_probes(self.probes, self.probe_knn_k, self.probe_logreg_c,
+                               self.probe_logreg_max_iter)
         if self.eval_on not in EVAL_ON:
             raise EffbenchError(f"invalid value strategy.precomputed.eval_on={self.eval_on!r}: use "
                                 "one of "
@@ -366,6 +388,7 @@ class Precomputed(Technique):
             raise EffbenchError("invalid value "
                                 f"strategy.precomputed.head_batch_size={self.head_batch_size!r}"
                                 ": use 2 or more, or null for dataset.batch_size.")
+        return options
 
     def _bn_settings(self, batch_size: int) -> dict[str, Any]:
         # Batch size and order matter: train-mode BN averages per-batch statistics.
@@ -540,6 +563,19 @@ class Precomputed(Technique):
         ctx.extra.setdefault(self.name, {}).update({
             "train_images": result.images, "train_vectors": len(feats["train"][1]),
             "head_epochs": result.epochs, "stopped_early": result.stopped_early})
+
+    def _probe(self, ctx: RunContext, feats: dict[str, tuple]) -> None:
+        """The probes on this job's features (train, val, and the test rows the head was
+        tested on): ``summary.strategy.precomputed.probes``."""
+        dm = ctx.datamodule
+        x, y = feats["test"]
+        n = self._test_count(ctx, len(y))
+        on = {**feats, "test": (x[:n], y[:n])}
+        # What the features are (the cache's content keys) and which test rows: equal sources
+        # give equal probe results, so a later job of this process reuses them.
+        source = {"keys": ctx.extra[self.name]["cache"]["keys"], "test_rows": n}
+        ctx.extra[self.name]["probes"] = run_probes(on, dm.task, list(dm.class_names),
+                                                    self._check(), source, str(ctx.run_dir))
 
     def _test_count(self, ctx: RunContext, n: int) -> int:
         """Test samples that ``trainer.limit_test_batches`` lets through (Lightning's rule:
