@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,6 +24,11 @@ class Diverged(EffbenchError):
         super().__init__(f"training diverged at epoch {epoch}: {metric} is {value} with learning "
                          f"rate {lr:g}; lower optim.optimizer.lr or clip the gradients with "
                          "trainer.gradient_clip_val=1.0.")
+
+
+# A change of the training batch before the forward: (images, targets) → (images, targets). The
+# targets it returns may be probabilities (N, C) where the labels were class indices.
+BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ClassifierSystem(pl.LightningModule):
@@ -51,6 +57,9 @@ class ClassifierSystem(pl.LightningModule):
         self.val_history: list[dict[str, float]] = []
         self._train_loss_sum: torch.Tensor | None = None
         self._train_seen = 0
+        # Applied in order to every training batch (never to validation or test batches); a
+        # technique that acts on the batch (``acts_on`` "batch") appends its own.
+        self.train_batch_transforms: list[BatchTransform] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -64,8 +73,11 @@ class ClassifierSystem(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
+        target = y
+        for transform in self.train_batch_transforms:
+            x, target = transform(x, target)
         logits = self(x)
-        loss = self.loss_fn(logits, y)
+        loss = self.loss_fn(logits, target)
         # The epoch's loss and accuracy accumulate on the device and are logged once per epoch:
         # ``self.log`` per step costs milliseconds on small models (Lightning re-walks and moves
         # the logged value every call), most of its overhead against a plain loop
@@ -74,6 +86,7 @@ class ClassifierSystem(pl.LightningModule):
         self._train_loss_sum = (batch_loss if self._train_loss_sum is None
                                 else self._train_loss_sum + batch_loss)
         self._train_seen += len(y)
+        # Against the true labels of the batch, whatever targets the transforms made of them.
         self.train_acc.update(logits.detach().float(), self._targets(y))
         return loss
 

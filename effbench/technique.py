@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 Train = Callable[..., None]
 
 # What a technique may change. Two techniques that both own a "sampling" or a "loop" conflict.
-ACTS_ON = ("model", "loss", "callbacks", "sampling", "loop", "checkpoint", "export")
+# "batch": the training batch before the forward (``system.train_batch_transforms``); several
+# such changes compose, in the stack's order.
+ACTS_ON = ("model", "loss", "callbacks", "sampling", "loop", "checkpoint", "export", "batch")
 EXCLUSIVE = ("sampling", "loop")
 
 
