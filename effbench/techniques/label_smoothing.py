@@ -1,7 +1,8 @@
 """``label_smoothing``: the training loss is computed against smoothed targets (Szegedy et al.
 2016, "Rethinking the Inception Architecture"; Composer's ``LabelSmoothing``).
 
-Single-label: the one-hot target becomes ``(1 - ε)·onehot + ε/C``; multi-label: each 0/1 label
+Single-label: the one-hot target becomes ``(1 - ε)·onehot + ε/C`` (a probability target ``t``,
+as mixup hands it, ``(1 - ε)·t + ε/C``); multi-label: each 0/1 label
 becomes ``(1 - ε)·y + ε/2``. Only training sees the smoothed targets: validation (the loss that
 picks the best checkpoint and stops early) and testing compare against the true labels, so
 metrics stay comparable with the baseline's. The run's own loss (class weights, CheXNet's
@@ -40,8 +41,11 @@ class SmoothedLoss(nn.Module):
         eps = self.smoothing
         if self.multilabel:
             return target.float() * (1 - eps) + eps / 2
-        onehot = F.one_hot(target.long(), self.num_classes).float()
-        return onehot * (1 - eps) + eps / self.num_classes
+        # Class indices (N,), or already probabilities (N, C): a technique acting on the batch
+        # (mixup) hands soft targets; smoothing is linear, so either order of the two is one.
+        probs = target.float() if target.ndim == 2 else \
+            F.one_hot(target.long(), self.num_classes).float()
+        return probs * (1 - eps) + eps / self.num_classes
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor,
                 sample_weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -34,6 +34,19 @@ def test_training_loss_uses_the_smoothed_targets(tmp_path: Path) -> None:
     assert system.loss_fn(logits, y).item() == pytest.approx(F.cross_entropy(logits, y).item())
 
 
+def test_a_probability_target_is_smoothed_too(tmp_path: Path) -> None:
+    """Soft targets (mixup's λ·y + (1-λ)·y'): t·(1-ε) + ε/C, the loss taken against that."""
+    system = _system(tmp_path, ["strategy.label_smoothing.smoothing=0.2"])
+    logits, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    onehot = F.one_hot(y, 4).float()
+    soft = 0.7 * onehot + 0.3 * onehot.flip(0)
+    system.train()
+    assert torch.allclose(system.loss_fn.smooth(soft), soft * 0.8 + 0.05)
+    assert torch.allclose(system.loss_fn.smooth(onehot), system.loss_fn.smooth(y))
+    expected = -(F.log_softmax(logits, 1) * (soft * 0.8 + 0.05)).sum(1).mean()
+    assert system.loss_fn(logits, soft).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_multilabel_targets_move_towards_one_half(tmp_path: Path) -> None:
     system = _system(tmp_path, ["dataset.multilabel=true",
                                 "strategy.label_smoothing.smoothing=0.1"])
