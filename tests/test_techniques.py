@@ -28,6 +28,8 @@ OPTIONS = {
     "qat": ["strategy.qat.latency_min_time=0.05", "strategy.qat.latency_batch=4"],
     "ptq": ["strategy.ptq.latency_min_time=0.05", "strategy.ptq.latency_batch=4"],
     "freeze": ["strategy.freeze.frozen_stages=2"],
+    # small_cnn's dense layer is sized for the full 32 px: cifar_cnn14 ends in global pooling.
+    "progressive_resizing": ["backbone=cifar_cnn14"],
 }
 # freeze leaves only the head of small_cnn training, and prune prunes only what trains.
 PAIR_OPTIONS = {frozenset({"freeze", "prune"}): ["strategy.prune.scope=all",
