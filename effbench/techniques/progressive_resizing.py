@@ -92,6 +92,8 @@ class ResizeBatch(Callback):
         return resize(x, size, self.mode), y
 
     def _record(self, size: tuple[int, int], full: tuple[int, int], n: int) -> None:
+        if not self.epochs:  # driven by hand, outside a fit (no epoch start seen)
+            self.epochs.append({"epoch": 1, "sizes": [], "batches": 0})
         epoch = self.epochs[-1]
         side = size[0] if size[0] == size[1] else f"{size[0]}x{size[1]}"
         if not epoch["sizes"] or epoch["sizes"][-1] != side:

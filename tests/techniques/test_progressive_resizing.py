@@ -116,5 +116,5 @@ def test_outside_the_fit_it_drives_the_transform_resizes_nothing() -> None:
     x = torch.randn(2, 3, 32, 32)
     assert r(x, torch.zeros(2))[0] is x
     r.scale = 0.5
-    r.epochs.append({"epoch": 1, "sizes": [], "batches": 0})
     assert r(x, torch.zeros(2))[0].shape == (2, 3, 16, 16)
+    assert r.epochs == [{"epoch": 1, "sizes": [16], "batches": 1}]
