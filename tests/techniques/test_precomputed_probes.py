@@ -153,6 +153,7 @@ def test_a_batched_sweep_runs_the_probes_in_every_job(tmp_path: Path) -> None:
     ("strategy.precomputed.probe_knn_k=0", "strategy.precomputed.probe_knn_k=0"),
     ("strategy.precomputed.probe_logreg_c=0", "strategy.precomputed.probe_logreg_c=0"),
     ("strategy.precomputed.probe_logreg_c=-1.5", "strategy.precomputed.probe_logreg_c=-1.5"),
+    ("strategy.precomputed.probe_logreg_max_iter=0", "probe_logreg_max_iter=0"),
 ])
 def test_bad_probe_values_are_one_sentence_with_the_fix(tmp_path: Path, override: str,
                                                         named: str) -> None:

@@ -26,6 +26,7 @@ fitting the same models on the same features again.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -228,8 +229,9 @@ def run_probes(feats: dict[str, Split], task: str, class_names: list[str],
     and the test rows used), so a later job on the same features reuses the records."""
     out: dict[str, Any] = {}
     for name in options.names:
-        key = digest(repr(sorted({**source, "probe": name, "task": task,
-                                  "options": asdict(options) | {"names": None}}.items())))
+        key = digest(json.dumps({**source, "probe": name, "task": task,
+                                 "options": asdict(options) | {"names": None}},
+                                sort_keys=True, default=str))
         if key not in _DONE:
             _DONE[key] = {**probe(name, feats, task, class_names, options),
                           "computed_by": run_dir}
