@@ -297,11 +297,10 @@ class Precomputed(Technique):
             self._train(ctx, feats, device)
         with ctx.phase("eval"):
             self._test(ctx, feats, device)
-        # Both paths (cache hit or miss) and batched jobs come through here: the probes read
-        # the same cached features in every case.
-        # The summary's ``probes`` is always the results by probe ({} for none), never the
-        # option's list it would otherwise show.
-        ctx.extra[self.name]["probes"] = {}
+        # Cache hit, miss and batched jobs all come through here: the probes read the same
+        # cached features in every case. ``probes`` in the summary is always the results by
+        # probe ({} for none), never the option's list that describe() would show.
+        ctx.extra.setdefault(self.name, {})["probes"] = {}
         if self.probes:
             with ctx.phase("probes"):
                 self._probe(ctx, feats)
