@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from effbench.config import CONF_DIR
 from effbench.ranks import is_rank_zero
@@ -36,6 +36,10 @@ def _job_of_failing_launcher(hc: Any) -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _app(cfg: DictConfig) -> Any:
+    if OmegaConf.select(cfg, "tracking.energy") is True and is_rank_zero(cfg):  # overlaps imports
+        from effbench.tracking import warm_up
+
+        warm_up()
     from effbench.run import run  # heavy imports after Hydra has parsed the command line
 
     hc = HydraConfig.get()

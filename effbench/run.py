@@ -111,6 +111,19 @@ def _set_by_user(key: str, overrides: list[str]) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
 
 
+_PROCESS_FIRST_RUN: list[float] = []
+
+
+def _startup_s() -> float | None:
+    """Seconds from the interpreter's start to the first run of this process (imports, Hydra's
+    composition): the part of a whole command that no phase covers. None for a later run of the
+    same process (a sweep's second job paid no start-up)."""
+    if len(_PROCESS_FIRST_RUN) != 1:
+        return None
+    _PROCESS_FIRST_RUN.append(0.0)  # recorded once
+    return _PROCESS_FIRST_RUN[0]
+
+
 def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str],
         original_cwd: str | Path = ".") -> dict[str, Any]:
     """Runs one job and returns (and, on rank 0, writes) its summary. Never raises.
@@ -121,6 +134,10 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     run_dir = Path(run_dir)
     summary = results.new_summary(cfg, run_dir, choices, overrides)
     start = time.perf_counter()
+    if not _PROCESS_FIRST_RUN:  # process creation → now; psutil comes with codecarbon
+        import psutil
+
+        _PROCESS_FIRST_RUN.append(max(0.0, time.time() - psutil.Process().create_time()))
     load_at_start = os.getloadavg()
     quiet_third_party()
     rank0 = is_rank_zero(cfg)
@@ -194,9 +211,13 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
             touched = _write_running(run_dir, summary)
         ctx.times["setup"] = time.perf_counter() - start
         times = ctx.times
+        started = time.perf_counter()
         tracker.start()
+        times["energy_tracker"] = time.perf_counter() - started
         summary["strategy"], model_facts = pipeline.run(ctx, techniques, recipe)
+        started = time.perf_counter()
         energy = results.whole_run_energy(tracker.stop(), ctx.record)
+        times["energy_tracker"] += time.perf_counter() - started
         summary["energy"] = results.with_batched_share(energy, summary["strategy"])
         results.fill_results(summary, ctx, model_facts)
         if rank0:  # <run>/predictions.npz: per test sample, for paired comparisons
@@ -234,6 +255,8 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         if summary["status"] != "completed" and tracker._tracker is not None:
             summary["energy"] = tracker.stop()
     summary["time_s"] = {**times, "total": time.perf_counter() - start}
+    if (before := _startup_s()) is not None:
+        summary["time_s"]["startup"] = before
     if ctx is not None and ctx.record.before["train_s"]:
         summary["time_s"]["train_before_resume"] = ctx.record.before["train_s"]
     summary["peak_mem_mb"] = peak_memory_mb(accelerator)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,39 @@ def add_to_phase(energy: dict[str, Any], phase: str, kwh: float, co2: float) -> 
     return {**energy, "phases_kwh": kwhs, "phases_co2_kg": co2s}
 
 
+_warm: threading.Thread | None = None
+
+
+def warm_up() -> None:
+    """Starts codecarbon's CPU probe in a background thread, so that it overlaps the imports and
+    the run's set-up instead of delaying training: the probe (py-cpuinfo runs a second Python
+    interpreter, then a fuzzy match against codecarbon's CPU power table) is most of the
+    tracker's start-up, 1.5–3 s on a 2-core machine. codecarbon keeps the result for the process
+    (``hardware_cache.get_cached_tdp``), so ``EnergyTracker.start`` reuses it; the measurement
+    itself starts there as before. Best effort: any failure leaves codecarbon to probe itself."""
+    global _warm
+    if _warm is not None:
+        return
+
+    def probe() -> None:
+        try:
+            quiet_codecarbon()
+            from codecarbon.core import cpu
+            from codecarbon.core.hardware_cache import get_cached_tdp
+
+            get_cached_tdp(cpu)
+        except Exception as err:  # noqa: BLE001 - an optimisation, never a failure
+            log.debug("codecarbon warm-up failed: %s", err)
+
+    _warm = threading.Thread(target=probe, name="codecarbon-warm-up", daemon=True)
+    _warm.start()
+
+
+def _wait_for_warm_up() -> None:
+    if _warm is not None:
+        _warm.join()
+
+
 class EnergyTracker:
     """Wraps ``codecarbon.OfflineEmissionsTracker``; if codecarbon cannot measure on this machine
     the run still completes and the summary records why energy is missing."""
@@ -99,6 +133,7 @@ class EnergyTracker:
         if not self.enabled:
             return
         try:
+            _wait_for_warm_up()  # one probe, not two racing for codecarbon's cache
             level = quiet_codecarbon()
             from codecarbon import OfflineEmissionsTracker
 
