@@ -1,6 +1,6 @@
 """The training recipe (``optim`` config group), read once and shared by every technique: the
-optimizer factory, ReduceLROnPlateau, early stopping, the checkpoint that gets tested, class
-weights."""
+optimizer factory, the learning-rate schedule (ReduceLROnPlateau, or a cosine with linear warm-up),
+early stopping, the checkpoint that gets tested, class weights."""
 
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from effbench.errors import EffbenchError
+
+# (optimizer steps in the whole training, optimizer steps per epoch)
+Stepping = tuple[int, int]
 
 
 @dataclass
@@ -95,3 +100,78 @@ class GatedCheckpoint(ModelCheckpoint):
 
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def schedule_name(scheduler: dict[str, Any] | None) -> str | None:
+    """``optim.scheduler.name`` (a config without one: plateau, what it meant before names), or
+    None when the schedule is off."""
+    return str(scheduler.get("name") or "plateau") if scheduler else None
+
+
+def per_step(scheduler: dict[str, Any] | None) -> bool:
+    """Whether the schedule is stepped after every optimizer step and so needs the loop's
+    :data:`Stepping` to be built."""
+    return schedule_name(scheduler) == "cosine"
+
+
+@dataclass
+class PendingSchedule:
+    """A per-step schedule not built yet, in ``configure_optimizers``' answer outside Lightning's
+    fit: only the loop that trains knows its optimizer steps, so it calls :meth:`build`."""
+
+    scheduler: dict[str, Any]
+    monitor: str
+
+    def build(self, opt: torch.optim.Optimizer, stepping: Stepping) -> dict[str, Any]:
+        entry = lr_scheduler(opt, self.scheduler, self.monitor, stepping)
+        assert entry is not None
+        return entry
+
+
+def lr_scheduler(opt: torch.optim.Optimizer, scheduler: dict[str, Any] | None, monitor: str,
+                 stepping: Stepping | None = None) -> dict[str, Any] | None:
+    """The recipe's schedule for ``opt`` as Lightning's ``lr_scheduler`` entry (the one place it
+    is built: the system's ``configure_optimizers`` and any hand-written loop use it); None when
+    off. A per-step schedule needs ``stepping``."""
+    name = schedule_name(scheduler)
+    if name is None:
+        return None
+    assert scheduler is not None
+    if name == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=scheduler["factor"], patience=scheduler["patience"],
+            min_lr=scheduler["min_lr"])
+        # strict=False: trainer.max_steps may end training before any validation.
+        return {"scheduler": sched, "monitor": monitor, "strict": False}
+    if stepping is None:
+        raise ValueError(f"the {name} schedule needs the loop's optimizer steps")
+    return {"scheduler": cosine_schedule(opt, scheduler, *stepping), "interval": "step"}
+
+
+def warmup_steps(warmup_epochs: float, per_epoch: int) -> int:
+    """Warm-up epochs (a float allowed) in optimizer steps."""
+    return round(float(warmup_epochs) * per_epoch)
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, scheduler: dict[str, Any], total: int,
+                    per_epoch: int) -> LRScheduler:
+    """The rate rises linearly from ``warmup_start_factor`` × lr to lr over ``warmup_epochs``,
+    then follows a cosine down to ``min_lr``, reached when the ``total``-th (last) optimizer step
+    is done. Stepped once per optimizer step, as Lightning steps ``interval: step``.
+
+    torch's own schedulers: ``SequentialLR`` restores the initial rate the second scheduler's
+    constructor overwrote and switches to the cosine at the milestone with its closed form
+    (lr itself), so the warm-up's last value and the cosine's first agree."""
+    warm = warmup_steps(scheduler["warmup_epochs"], per_epoch)
+    if warm >= total:
+        raise EffbenchError(f"optim.scheduler.warmup_epochs={scheduler['warmup_epochs']} is "
+                            f"{warm} optimizer steps, not fewer than the {total} steps of the "
+                            "whole training, so the cosine after it would have no step; use a "
+                            "shorter warm-up (e.g. optim.scheduler.warmup_epochs="
+                            f"{total / 2 / per_epoch:g}) or train longer.")
+    if warm == 0:
+        return CosineAnnealingLR(opt, T_max=total, eta_min=float(scheduler["min_lr"]))
+    start = float(scheduler["warmup_start_factor"])
+    warmup = LinearLR(opt, start_factor=start, end_factor=1.0, total_iters=warm)
+    cosine = CosineAnnealingLR(opt, T_max=total - warm, eta_min=float(scheduler["min_lr"]))
+    return SequentialLR(opt, [warmup, cosine], milestones=[warm])

@@ -25,6 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 from effbench.errors import EffbenchError
 
 ABSENT = object()
+# optim.scheduler.name → the keys only that schedule reads (min_lr, the rate's floor: both)
+SCHEDULES: dict[str, tuple[str, ...]] = {
+    "plateau": ("patience", "factor"),
+    "cosine": ("warmup_epochs", "warmup_start_factor"),
+}
 SEED_MAX = 2**32 - 1  # numpy's seeds (Lightning's seed_everything seeds numpy too)
 
 
@@ -92,11 +97,23 @@ FIELDS: tuple[Field, ...] = (
           "positive, finite value", low=0),
     Field("optim.optimizer.momentum", "float", "use a momentum in [0, 1) such as "
           "optim.optimizer.momentum=0.9", low=0, high=1, open_high=True),
-    _count("optim.scheduler.patience", 0, 5, what=" (epochs without improvement)"),
+    Field("optim.scheduler.name", "str", f"use optim.scheduler.name={' or '.join(SCHEDULES)} "
+          "(optim=cosine sets the cosine's keys), or optim.scheduler=null for a constant rate",
+          choices=tuple(SCHEDULES)),
+    # null: a key of another schedule (validate.check_schedule refuses one set with the wrong name)
+    Field("optim.scheduler.patience", "int", "use an integer >= 0 (epochs without improvement) "
+          "such as optim.scheduler.patience=5", low=0, nullable=True),
     Field("optim.scheduler.factor", "float", "use a factor in (0, 1) such as "
-          "optim.scheduler.factor=0.1", low=0, high=1, open_low=True, open_high=True),
+          "optim.scheduler.factor=0.1", low=0, high=1, open_low=True, open_high=True,
+          nullable=True),
     Field("optim.scheduler.min_lr", "float", "use optim.scheduler.min_lr=0 or a small positive "
           "value such as 1e-5", low=0),
+    Field("optim.scheduler.warmup_epochs", "float", "use a number of epochs >= 0 (a fraction "
+          "allowed) such as optim.scheduler.warmup_epochs=1, or 0 for no warm-up", low=0,
+          nullable=True),
+    Field("optim.scheduler.warmup_start_factor", "float", "use a factor in (0, 1] such as "
+          "optim.scheduler.warmup_start_factor=0.01 (the warm-up starts at it × the lr)", low=0,
+          high=1, open_low=True, nullable=True),
     _count("optim.early_stopping.patience", 0, 15, nullable=True,
            what=" (epochs without improvement)"),
     Field("optim.checkpoint", "bool", "use optim.checkpoint=true or false"),

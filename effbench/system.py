@@ -8,10 +8,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
 from effbench.errors import EffbenchError
 from effbench.metrics import build_metrics, probabilities, split_scalars
+from effbench.recipe import PendingSchedule, Stepping, lr_scheduler, per_step
 from effbench.task import is_multilabel
 
 
@@ -32,7 +34,7 @@ BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torc
 
 
 class ClassifierSystem(pl.LightningModule):
-    """Backbone → head → loss, with torchmetrics for val/test and ReduceLROnPlateau on val loss."""
+    """Backbone → head → loss, with torchmetrics for val/test and the recipe's lr schedule."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, loss: nn.Module, task: str,
                  class_names: list[str], optim: dict[str, Any], scheduler: dict[str, Any] | None,
@@ -169,8 +171,25 @@ class ClassifierSystem(pl.LightningModule):
         opt = self.optim["factory"](params, lr=self.scaled_lr())
         if not self.scheduler_cfg:
             return opt
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=self.scheduler_cfg["factor"],
-            patience=self.scheduler_cfg["patience"], min_lr=self.scheduler_cfg["min_lr"])
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor,
-                                                   "strict": False}}
+        if per_step(self.scheduler_cfg) and not self._fitting():
+            # Not Lightning's fit: the loop that trains (a hand-written one) knows its steps and
+            # builds the schedule from this (recipe.PendingSchedule.build).
+            return {"optimizer": opt,
+                    "lr_scheduler": PendingSchedule(self.scheduler_cfg, self.monitor)}
+        stepping = self._stepping() if per_step(self.scheduler_cfg) else None
+        return {"optimizer": opt,
+                "lr_scheduler": lr_scheduler(opt, self.scheduler_cfg, self.monitor, stepping)}
+
+    def _fitting(self) -> bool:
+        return self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+
+    def _stepping(self) -> Stepping:
+        """This fit's optimizer steps in all (Lightning's estimate: epochs, max_steps, gradient
+        accumulation, the rank's share of the data) and per epoch."""
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise EffbenchError(f"the cosine schedule needs a finite number of optimizer steps, "
+                                f"and this training has {total}; set trainer.max_epochs.")
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        return int(total), max(1, per_epoch)

@@ -103,9 +103,43 @@ def check_strategies(overrides: list[str]) -> None:
                                 f"acts once per run, so use strategy=[{','.join(unique)}].")
 
 
+# The preset that sets each schedule's keys (and the other's to null): the fixes named below.
+SCHEDULE_PRESETS = {"plateau": "optim=default", "cosine": "optim=cosine"}
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    """``optim.scheduler``'s keys belong to its ``name``: a key of the other schedule that is set
+    would be ignored, one of its own that is null could not be used; a warm-up must end before
+    the training does (in epochs here; in optimizer steps when the run starts, recipe.py)."""
+    node = OmegaConf.select(cfg, "optim.scheduler", default=None)
+    if not isinstance(node, DictConfig):
+        return  # null: a constant rate
+    name = str(node.get("name") or "plateau")  # no name: plateau, what it meant before names
+    for owner, keys in schema.SCHEDULES.items():
+        for key in keys:
+            value = node.get(key)
+            if owner != name and value is not None:
+                raise EffbenchError(f"optim.scheduler.{key}={value!r} is a key of the {owner} "
+                                    f"schedule, but optim.scheduler.name={name}: it would be "
+                                    f"ignored; set optim.scheduler.{key}=null (as "
+                                    f"{SCHEDULE_PRESETS[name]} does) or use "
+                                    f"{SCHEDULE_PRESETS[owner]} for the {owner} schedule.")
+            if owner == name and value is None:
+                fix = schema.BY_KEY[f"optim.scheduler.{key}"].fix
+                raise EffbenchError(f"optim.scheduler.{key}=null, but the {name} schedule reads "
+                                    f"it: {fix}.")
+    warmup, epochs = node.get("warmup_epochs"), cfg.trainer.get("max_epochs")
+    if name == "cosine" and isinstance(epochs, int) and warmup >= epochs:
+        raise EffbenchError(f"optim.scheduler.warmup_epochs={warmup} is not shorter than "
+                            f"trainer.max_epochs={epochs}, so the cosine after it would have no "
+                            "step; use a shorter warm-up (e.g. optim.scheduler.warmup_epochs="
+                            f"{min(1, epochs / 2):g}) or raise trainer.max_epochs.")
+
+
 def check_light(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> None:
     """The checks that need neither torch nor Lightning (the CLI's preflight runs these)."""
     schema.check(cfg)
+    check_schedule(cfg)
     check_objective(cfg)
     check_strategies(list(overrides))
     val = OmegaConf.select(cfg, "dataset.val_ratio", default=0)
