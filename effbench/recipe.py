@@ -174,4 +174,22 @@ def cosine_schedule(opt: torch.optim.Optimizer, scheduler: dict[str, Any], total
     start = float(scheduler["warmup_start_factor"])
     warmup = LinearLR(opt, start_factor=start, end_factor=1.0, total_iters=warm)
     cosine = CosineAnnealingLR(opt, T_max=total - warm, eta_min=float(scheduler["min_lr"]))
-    return SequentialLR(opt, [warmup, cosine], milestones=[warm])
+    return WarmupThenCosine(opt, [warmup, cosine], milestones=[warm])
+
+
+class WarmupThenCosine(SequentialLR):
+    """torch's ``SequentialLR``, told of parameter groups added to the optimizer after it was
+    built (a technique that unfreezes layers during the fit adds them). At the milestone it starts
+    the cosine from the cosine's base rates, one per group it was built with, and torch refuses a
+    group it has none for (``zip(strict=True)``); a new group gets the base rate that keeps its
+    ratio to the first group, so it follows the same curve. Between milestones torch's linear and
+    cosine steps scale every group's own rate and need nothing."""
+
+    def step(self) -> None:  # type: ignore[override]
+        groups = self.optimizer.param_groups
+        for sched in self._schedulers:
+            known = len(sched.base_lrs)
+            if known < len(groups):
+                scale = sched.base_lrs[0] / float(groups[0]["lr"] or sched.base_lrs[0])
+                sched.base_lrs.extend(float(g["lr"]) * scale for g in groups[known:])
+        super().step()
