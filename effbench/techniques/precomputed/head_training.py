@@ -3,8 +3,9 @@
 Why a hand-written loop instead of ``Trainer.fit``: one step of a small head on a feature batch
 takes microseconds, so Lightning's per-step and per-epoch machinery (hooks, logging, callbacks)
 would dominate the job and every job of a sweep would pay it. The loop below keeps the same
-semantics as the finetune system — its optimiser and ReduceLROnPlateau (from
-``ClassifierSystem.configure_optimizers``), an unweighted ``val/loss`` with the same torchmetrics,
+semantics as the finetune system — its optimiser and lr schedule (from
+``ClassifierSystem.configure_optimizers``: ReduceLROnPlateau stepped once per epoch, a cosine after
+every optimizer step), an unweighted ``val/loss`` with the same torchmetrics,
 early stopping on ``val/loss`` and the best-val-loss weights kept for the test — and logs every
 epoch to the run's CSV/TensorBoard loggers so learning curves exist.
 """
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from effbench.metrics import build_metrics, split_scalars
+from effbench.recipe import PendingSchedule
 from effbench.task import is_multilabel
 from effbench.techniques.precomputed.ambiguity import ambiguity_weights
 
@@ -95,7 +97,7 @@ class EpochState:
 
     def end_epoch(self, head: nn.Module, row: dict[str, float], cfg: HeadTraining,
                   sched: Any, log: Callable[[dict[str, float], int], None]) -> bool:
-        """Log the epoch, keep the best-val-loss weights, step the plateau schedule; True when
+        """Log the epoch, keep the best-val-loss weights, step a plateau schedule; True when
         early stopping ends this head's training."""
         log(row, int(row["epoch"]))
         result = self.result
@@ -121,11 +123,39 @@ class EpochState:
         return self.result
 
 
+def head_steps(n: int, batch_size: int) -> int:
+    """Optimizer steps per epoch of the head loops on ``n`` vectors: every batch but a last one of
+    a single vector, which they skip."""
+    full, rest = divmod(n, batch_size)
+    return full + (rest >= 2)
+
+
+def bind_schedule(optimizers: dict | torch.optim.Optimizer, epochs: int, per_epoch: int,
+                  ) -> dict | torch.optim.Optimizer:
+    """``configure_optimizers``' answer for a head loop of ``epochs`` × ``per_epoch`` optimizer
+    steps. A per-step schedule (cosine) is built for them here (recipe.PendingSchedule) and the
+    optimizer's post-step hook steps it after every step, as Lightning steps ``interval: step``:
+    every loop that steps the optimizer (train_head, batched.train_heads) steps it alike. Anything
+    else (ReduceLROnPlateau, stepped by ``end_epoch``) is returned as it is."""
+    if not isinstance(optimizers, dict) or not isinstance(optimizers["lr_scheduler"],
+                                                           PendingSchedule):
+        return optimizers
+    opt = optimizers["optimizer"]
+    sched = optimizers["lr_scheduler"].build(opt, (epochs * per_epoch, per_epoch))["scheduler"]
+    opt.register_step_post_hook(lambda *_: sched.step())
+    return opt
+
+
 def split_optimizers(optimizers: dict | torch.optim.Optimizer,
                      ) -> tuple[torch.optim.Optimizer, Any]:
-    """(optimizer, plateau scheduler or None) from ``configure_optimizers``' answer."""
+    """(optimizer, plateau scheduler or None) from ``configure_optimizers``' answer, once
+    :func:`bind_schedule` has bound any per-step schedule to the optimizer."""
     if isinstance(optimizers, dict):
-        return optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+        entry = optimizers["lr_scheduler"]
+        if isinstance(entry, PendingSchedule) or entry.get("interval", "epoch") != "epoch":
+            raise ValueError("a per-step schedule must be bound first (bind_schedule); stepped "
+                             "once per epoch it would follow the wrong curve")
+        return optimizers["optimizer"], entry["scheduler"]
     return optimizers, None
 
 
@@ -133,10 +163,11 @@ def train_head(head: nn.Module, loss_fn: nn.Module, optimizers: dict | torch.opt
                train: Split, val: Split, task: str, class_names: list[str], cfg: HeadTraining,
                log: Callable[[dict[str, float], int], None]) -> HeadResult:
     """Mini-batch training of ``head`` on ``train`` features (already on the device)."""
-    opt, sched = split_optimizers(optimizers)
+    x, y = train
+    bound = bind_schedule(optimizers, cfg.epochs, head_steps(len(y), cfg.batch_size))
+    opt, sched = split_optimizers(bound)
     metrics = build_metrics(task, len(class_names)).to(train[0].device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    x, y = train
     n, state = len(y), EpochState()
     for epoch in range(cfg.epochs):
         head.train()

@@ -179,7 +179,11 @@ def pretrain(tasks: list[DictConfig], work_dir: Path) -> None:
         job_key,
         train_heads,
     )
-    from effbench.techniques.precomputed.head_training import cpu_threads
+    from effbench.techniques.precomputed.head_training import (
+        bind_schedule,
+        cpu_threads,
+        head_steps,
+    )
     from effbench.tracking import EnergyTracker
 
     first = tasks[0]
@@ -204,8 +208,11 @@ def pretrain(tasks: list[DictConfig], work_dir: Path) -> None:
         system.to(device)
         logged: list[tuple[dict[str, float], int]] = []
         rows.append(logged)
-        jobs.append(HeadJob(head, sys0.loss_fn, system.configure_optimizers(),
-                            own.head_training(task, recipe, dm.batch_size),
+        cfg = own.head_training(task, recipe, dm.batch_size)
+        # A per-step schedule (cosine) built for this loop's steps, stepped after each one.
+        steps = head_steps(len(feats["train"][1]), cfg.batch_size)
+        jobs.append(HeadJob(head, sys0.loss_fn,
+                            bind_schedule(system.configure_optimizers(), cfg.epochs, steps), cfg,
                             lambda row, step, logged=logged: logged.append((row, step))))
     on = {s: (x.to(device), y.to(device)) for s, (x, y) in feats.items()}
     threads = strategy.head_threads if device.type == "cpu" else None
