@@ -99,7 +99,9 @@ def warm_up() -> None:
 
     def probe() -> None:
         try:
-            quiet_codecarbon()
+            import codecarbon  # noqa: F401 - sets its logger's level when first imported …
+
+            quiet_codecarbon()  # … so quieten it after, before the probe's warnings
             from codecarbon.core import cpu
             from codecarbon.core.hardware_cache import get_cached_tdp
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,21 @@ TINY = ["dataset=synthetic", "dataset.num_train=96", "dataset.num_val=32", "data
 TINY_MULTILABEL = ["backbone=small_cnn", "dataset=synthetic", "dataset.multilabel=true",
                    "dataset.num_train=64", "dataset.num_val=32", "dataset.num_test=32",
                    "tracking.energy=false", *FAST]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n 2``), each worker and every process it starts
+    (the zygote's commands, real subprocesses, DDP ranks) keep to their own share of the cores:
+    effbench's ``hardware.cpu_threads=auto`` then gives each worker's torch those cores only.
+    Two workers each with torch threads on every core made small runs several times slower
+    (oversubscribed OpenMP threads spin against each other)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get(
+        "PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cores, index, n = sorted(os.sched_getaffinity(0)), int(worker.lstrip("gw")), int(count)
+    if len(cores) >= n > 1:
+        os.sched_setaffinity(0, set(cores[index % n::n]))
 
 
 @pytest.fixture(autouse=True)
