@@ -7,6 +7,7 @@ and config errors answer at once.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -94,6 +95,20 @@ def _one_repository_for_help() -> None:
 
 
 def main() -> None:
+    """``effbench``: the command, then an exit that skips the interpreter's slow teardown."""
+    from effbench.lifecycle import exit_now
+
+    try:
+        _main()
+    except SystemExit as done:
+        exit_now(done.code)
+    except BrokenPipeError:  # `effbench --help | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        exit_now(1)
+    exit_now(0)
+
+
+def _main() -> None:
     from effbench.preflight import preflight
     from effbench.sweep_report import FAILED_JOBS
 

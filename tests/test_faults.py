@@ -49,7 +49,9 @@ def _summary(run_dir: Path) -> dict:
 
 
 # The uninterrupted run every kill is compared with (digits, small_cnn: seconds an epoch).
-ARGS = ["trainer.max_epochs=4", "optim.early_stopping=null", "dataset.max_samples=400", *QUICK]
+# 32 px: epochs long enough to be caught between checkpoints (digits default to their 8 px).
+ARGS = ["trainer.max_epochs=4", "optim.early_stopping=null", "dataset.max_samples=400",
+        "dataset.image_size=32", *QUICK]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,9 @@ import pytest
 
 from tests.conftest import TINY, run_cli
 
+# 32 px: epochs long enough to be caught between checkpoints (digits default to their 8 px).
 ARGS = ["trainer.max_epochs=4", "optim.early_stopping=null", "dataset.max_samples=400",
+        "dataset.image_size=32",
         "trainer.enable_progress_bar=false",
         "tracking.energy=false"]
 FAULTS = Path(__file__).parent / "faults"  # sitecustomize: pause before testing

@@ -10,9 +10,9 @@ import pytest
 PROBE = """
 import sys
 sys.argv = ["effbench", *{args!r}]
-from effbench.cli import main
+from effbench.cli import _main  # main() itself ends the process (effbench.lifecycle.exit_now)
 try:
-    main()
+    _main()
 except SystemExit:
     pass
 heavy = sorted(m for m in ("torch", "pytorch_lightning", "torchvision") if m in sys.modules)
