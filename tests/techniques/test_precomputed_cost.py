@@ -51,9 +51,11 @@ def test_cold_and_warm_runs_report_the_same_saving(tmp_path: Path) -> None:
         own = (first if run == cold else second)["time_s"]
         paid = built if run == cold else sum(cache["spared_s"].values())
         assert charged == pytest.approx(paid + own["train"], abs=1e-6), name
-    # Before: the warm row reported the head's time alone (×12.9 where the cold run said ×3.2);
-    # what is left is the two jobs' head-training jitter on a loaded machine.
-    assert speedups["w"] == pytest.approx(speedups["c"], rel=0.5), speedups
+        # The speed-up is the baseline's time over that charged cost (before, the warm row
+        # divided by the head's time alone: ×12.9 where the cold run said ×3.2). Comparing the
+        # two rows' speed-ups instead would compare two head trainings' jitter.
+        baseline = float(runs.loc[runs["run_dir"] == str(base)].iloc[0]["train_s"])
+        assert speedups[name] == pytest.approx(baseline / charged, rel=0.01), name
 
     # Amortised: the build shared by the two jobs that used it, and said so.
     _, runs, text = _compare(tmp_path, "a", [base, cold, warm], "--amortize")
