@@ -111,17 +111,20 @@ def _set_by_user(key: str, overrides: list[str]) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
 
 
-_PROCESS_FIRST_RUN: list[float] = []
+_startup_taken = False
 
 
-def _startup_s() -> float | None:
-    """Seconds from the interpreter's start to the first run of this process (imports, Hydra's
-    composition): the part of a whole command that no phase covers. None for a later run of the
-    same process (a sweep's second job paid no start-up)."""
-    if len(_PROCESS_FIRST_RUN) != 1:
+def _take_startup_s() -> float | None:
+    """Seconds from the interpreter's start to now (imports, Hydra's composition: the part of a
+    whole command that no phase covers), for the first run of this process only; None for a
+    later one (a sweep's second job paid no start-up)."""
+    global _startup_taken
+    if _startup_taken:
         return None
-    _PROCESS_FIRST_RUN.append(0.0)  # recorded once
-    return _PROCESS_FIRST_RUN[0]
+    _startup_taken = True
+    import psutil  # comes with codecarbon
+
+    return max(0.0, time.time() - psutil.Process().create_time())
 
 
 def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str],
@@ -134,10 +137,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     run_dir = Path(run_dir)
     summary = results.new_summary(cfg, run_dir, choices, overrides)
     start = time.perf_counter()
-    if not _PROCESS_FIRST_RUN:  # process creation → now; psutil comes with codecarbon
-        import psutil
-
-        _PROCESS_FIRST_RUN.append(max(0.0, time.time() - psutil.Process().create_time()))
+    startup = _take_startup_s()
     load_at_start = os.getloadavg()
     quiet_third_party()
     rank0 = is_rank_zero(cfg)
@@ -161,7 +161,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
                 return summary
             try:
                 return _run_owned(cfg, run_dir, summary, overrides, start, load_at_start,
-                                  original_cwd, stop)
+                                  original_cwd, stop, startup)
             finally:
                 lock.release()
         except (Interrupted, KeyboardInterrupt) as err:  # before or after _run_owned's own
@@ -173,7 +173,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
 
 def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], overrides: list[str],
                start: float, load_at_start: tuple[float, ...],
-               original_cwd: str | Path, stop: StopSignals) -> dict[str, Any]:
+               original_cwd: str | Path, stop: StopSignals,
+               startup: float | None) -> dict[str, Any]:
     rank0 = is_rank_zero(cfg)
     times: dict[str, float] = {}
     tracker = EnergyTracker(bool(cfg.tracking.energy) and rank0, cfg.tracking.country, run_dir)
@@ -255,8 +256,8 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         if summary["status"] != "completed" and tracker._tracker is not None:
             summary["energy"] = tracker.stop()
     summary["time_s"] = {**times, "total": time.perf_counter() - start}
-    if (before := _startup_s()) is not None:
-        summary["time_s"]["startup"] = before
+    if startup is not None:
+        summary["time_s"]["startup"] = startup
     if ctx is not None and ctx.record.before["train_s"]:
         summary["time_s"]["train_before_resume"] = ctx.record.before["train_s"]
     summary["peak_mem_mb"] = peak_memory_mb(accelerator)
