@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from effbench import schema
 from effbench.errors import EffbenchError
 
 GPU_ACCELERATORS = ("gpu", "cuda")
@@ -99,6 +100,9 @@ class HardwarePlan:
     # In-memory uint8 images moved to the GPU once, up to this share of its memory (0: never;
     # effbench.resident), instead of a host-to-device copy of every batch.
     data_on_device_share: float = 0.0
+    # hardware.compile: the torch.compile mode the backbone and the head run in (in place,
+    # nn.Module.compile: state_dict keys unchanged), or None: eager.
+    compile_mode: str | None = None
 
     def trainer_args(self) -> dict[str, Any]:
         return {"accelerator": self.accelerator, "devices": self.devices,
@@ -127,7 +131,20 @@ def resolve_plan(hardware: DictConfig, trainer: DictConfig, required_precision: 
                         world_size=world, torch_device=torch_device(args["accelerator"]),
                         channels_last=bool(hardware.channels_last), lr_scale=scale,
                         cpu_threads=threads,
-                        data_on_device_share=data_on_device_share(hardware, args["accelerator"]))
+                        data_on_device_share=data_on_device_share(hardware, args["accelerator"]),
+                        compile_mode=compile_mode(hardware))
+
+
+def compile_mode(hardware: DictConfig) -> str | None:
+    """``hardware.compile``: false → None (eager), true → torch.compile's ``default`` mode, or
+    the mode named; anything else is refused (schema.py's field, the one list of choices)."""
+    wanted = hardware.get("compile", False)
+    field = schema.BY_KEY["hardware.compile"]
+    if not field.ok(wanted):
+        raise EffbenchError(f"invalid value hardware.compile={wanted!r}: {field.fix}.")
+    if wanted is False:
+        return None
+    return "default" if wanted is True else str(wanted)
 
 
 def data_on_device_share(hardware: DictConfig, accelerator: str) -> float:

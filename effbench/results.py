@@ -89,6 +89,8 @@ def hardware(cfg: DictConfig, ctx: RunContext | None, accelerator: str) -> dict[
             "num_nodes": int(t.get("num_nodes") or 1),
             "world_size": ctx.world_size if ctx else 1,
             "cpu_threads": torch.get_num_threads(),
+            # hardware.compile as it ran: false, or the torch.compile mode
+            "compile": (ctx.plan.compile_mode or False) if ctx else False,
             "specs": OmegaConf.to_container(hw.specs, resolve=True)}
 
 

@@ -85,6 +85,9 @@ def build_context(cfg: DictConfig, run_dir: Path, techniques: list[Technique], r
                               recipe.scheduler, recipe.monitor)
     if plan.channels_last:
         system = system.to(memory_format=torch.channels_last)
+    if plan.compile_mode:  # in place: the modules (and their state_dict keys) stay as they are
+        for part in (system.backbone, system.head):
+            part.compile(mode=plan.compile_mode)
     return RunContext(cfg=cfg, run_dir=run_dir, datamodule=dm, system=system,
                       trainer_args=plan.trainer_args(), recipe=recipe, plan=plan,
                       world_size=plan.world_size)

@@ -31,6 +31,8 @@ SCHEDULES: dict[str, tuple[str, ...]] = {
     "cosine": ("warmup_epochs", "warmup_start_factor"),
 }
 SEED_MAX = 2**32 - 1  # numpy's seeds (Lightning's seed_everything seeds numpy too)
+# hardware.compile: false, true (torch.compile's default mode) or one of torch.compile's modes
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class Field:
             return self.nullable
         if self.kind == "bool":
             return isinstance(value, bool)
+        if self.kind == "bool|str":
+            return isinstance(value, bool) or (isinstance(value, str) and value in self.choices)
         if self.kind == "str":
             return isinstance(value, str) and value.strip() != "" and (
                 not self.choices or value in self.choices)
@@ -137,6 +141,8 @@ FIELDS: tuple[Field, ...] = (
     _count("dataset.num_workers", 0, 2, what=" (0: load in the main process)"),
     Field("hardware.lr_scaling", "str", "use hardware.lr_scaling=linear or none",
           choices=("linear", "none")),
+    Field("hardware.compile", "bool|str", "use hardware.compile=false, true (torch.compile's "
+          f"default mode) or one of its modes {', '.join(COMPILE_MODES)}", choices=COMPILE_MODES),
 )
 BY_KEY = {f.key: f for f in FIELDS}
 

@@ -86,6 +86,8 @@ CASES: list[tuple[list[str], str]] = [
     (["hardware.lr_scaling=quadratic"], "hardware.lr_scaling='quadratic'"),
     (["hardware.cpu_threads=0"], "hardware.cpu_threads=0"),
     (["hardware.data_on_device=maybe"], "hardware.data_on_device='maybe'"),
+    (["hardware.compile=fast"],
+     "invalid value hardware.compile='fast': use hardware.compile=false, true"),
     (["strategy=freeze", "strategy.freeze.unfreeze_lr=1e-4"], "strategy.freeze.unfreeze_lr=0.0001"),
     (["objective=test/acc"], "objective=test/acc would tune on the test set"),
     (["objective=accuracy"], "objective='accuracy'"),
@@ -101,6 +103,7 @@ CASES: list[tuple[list[str], str]] = [
     (["strategy=precomputed", "+trainer.accumulate_grad_batches=2"],
      "trainer.accumulate_grad_batches=2 has no effect with strategy=precomputed"),
     (["strategy=qat", "trainer.precision=16-mixed"], "trainer.precision=16-mixed cannot take"),
+    (["strategy=qat", "hardware.compile=true"], "so hardware.compile cannot take effect"),
     # strategies
     (["strategy=prune", "strategy.prune.final_sparsity=1.5"], "strategy.prune.final_sparsity=1.5"),
     (["strategy=prune", "strategy.prune.scope=everything"], "strategy.prune.scope"),

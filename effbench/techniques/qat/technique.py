@@ -119,6 +119,11 @@ class Qat(Technique):
         # second phase (refit): that technique trains first, the pipeline makes its changes
         # permanent, then QAT fine-tunes the result (finetune_epochs) and converts it to int8.
         self._deferred = any(t.reparametrizes for t in ctx.techniques if t is not self)
+        if ctx.plan is not None and ctx.plan.compile_mode:
+            raise EffbenchError(f"strategy={self.name} trains its exported fake-quantized graph "
+                                "in place of the backbone and head that hardware.compile "
+                                "compiles, so hardware.compile cannot take effect; remove "
+                                "hardware.compile=… .")
         if self.finetune_epochs is not None and not self._deferred:
             raise EffbenchError("strategy.qat.finetune_epochs only takes effect after another "
                                 "technique's training phase (strategy=[prune,qat]); alone, QAT "
