@@ -110,10 +110,12 @@ def test_int8_model_reloads_and_reproduces_the_int8_metrics_exactly(tmp_path: Pa
     assert info["sparse"] is False  # unpruned: a few mostly-zero int8 tensors are not sparsity
     recorded = summary["strategy"]["qat"]["int8_metrics"]
     got = eval_json(tmp_path / "run")
-    assert got["metrics"] == recorded  # the same int8 kernels on the same batches: exact
-    # ... and the same probabilities as the int8 model's in the run's predictions.npz
+    # effbench-eval is a process that never quantized: its lowering must still fuse the int8
+    # convolutions (it once kept fp32 convolutions of dequantized weights there: probabilities
+    # 1e-6 off on one CPU, an accuracy one image off on another)
     assert got["predictions"]["array"] == "int8_probs" and got["predictions"]["rows"] == 48
-    assert got["predictions"]["max_abs_prob_diff"] < 1e-4
+    assert got["predictions"]["max_abs_prob_diff"] == 0.0, got["predictions"]
+    assert got["metrics"] == recorded  # the same int8 kernels on the same batches: exact
     # int8 weights: the conv weights take a quarter of their fp32 bytes in the file
     model = load(tmp_path / "run")
     assert info["bytes"] < summary["model"]["size_bytes_fp32"]

@@ -13,6 +13,13 @@ from effbench.task import is_multilabel
 
 def lower_x86(converted: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
     """oneDNN int8 kernels; the lowered graph is specialised to ``example``'s shape."""
+    # torchao registers its x86 int8 fusions (dequantize → conv → quantize into
+    # onednn.qconv_pointwise on prepacked int8 weights) with inductor's freezing passes only when
+    # its X86InductorQuantizer module is imported. A process that quantizes imports it; one that
+    # only loads a saved model (effbench-eval) did not, and its lowering kept fp32 convolutions of
+    # dequantized weights: another model than the one the run measured (probabilities 1e-6 off on
+    # one CPU, an argmax off on another). Imported here, every lowering fuses alike.
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
     from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
 
     with torch.no_grad():
