@@ -72,7 +72,8 @@ class _Zygote:
             except TimeoutError:
                 self._send({"kill": ident})
                 future.result(timeout=60)
-                raise subprocess.TimeoutExpired([module, *argv], timeout) from None
+                raise _Hung([module, *argv], timeout, _text(out)[-3000:],
+                            _text(err)[-3000:]) from None
             return subprocess.CompletedProcess([module, *argv], rc, _text(out), _text(err))
 
     def close(self) -> None:
@@ -82,6 +83,13 @@ class _Zygote:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+class _Hung(subprocess.TimeoutExpired):
+    """A command past its time, with what it had printed (where it hung) in the message."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nits stderr ended with:\n{self.stderr}"
 
 
 def _text(path: Path) -> str:

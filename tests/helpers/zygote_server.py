@@ -79,6 +79,17 @@ def _child(req: dict) -> None:
             os._exit(code)
 
 
+def _kill(pid: int) -> None:
+    """SIGKILL a child's group, or the child alone where it has left its group (or is gone): a
+    kill must never end the zygote, which every later command of the worker needs."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+            return
+        except OSError:
+            continue
+
+
 def _reply(obj: dict) -> None:
     sys.__stdout__.write(json.dumps(obj) + "\n")
     sys.__stdout__.flush()
@@ -96,13 +107,13 @@ def serve() -> None:
             line = stdin.readline()
             if not line:  # the tests ended
                 for pid in children:
-                    os.killpg(pid, signal.SIGKILL)
+                    _kill(pid)
                 return
             req = json.loads(line)
             if "kill" in req:
                 pid = next((p for p, i in children.items() if i == req["kill"]), None)
                 if pid is not None:
-                    os.killpg(pid, signal.SIGKILL)
+                    _kill(pid)
                 continue
             pid = os.fork()
             if pid == 0:
