@@ -73,3 +73,18 @@ def test_failed_run_leaves_earlier_runs_untouched(tmp_path: Path) -> None:
     assert first.read_bytes() == before
     statuses = sorted(s["status"] for s in summaries(tmp_path))
     assert statuses == ["completed", "failed"]
+
+
+def test_the_zygote_that_forks_the_commands_holds_one_thread() -> None:
+    """Forking copies one thread and every lock the others held: the zygote the commands are
+    forked from (tests/helpers/cli.py) must have no other native thread (OpenBLAS servers,
+    pyarrow's jemalloc background thread), or a forked command can hang."""
+    import os
+
+    import pytest
+
+    from tests.helpers import cli
+
+    if os.environ.get("EFFBENCH_TEST_SUBPROCESS") == "1" or not os.path.isdir("/proc/self/task"):
+        pytest.skip("commands run as fresh interpreters here")
+    assert cli._shared().threads == 1

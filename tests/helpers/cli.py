@@ -22,19 +22,28 @@ from concurrent.futures import Future
 from pathlib import Path
 
 SERVER = Path(__file__).with_name("zygote_server.py")
+ZYGOTE_ENV = {"OPENBLAS_NUM_THREADS": "1", "JE_ARROW_MALLOC_CONF": "background_thread:false"}
 ROOT = SERVER.parents[2]
 
 
 class _Zygote:
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            # No native thread in the zygote when it forks (a fork copies one thread and every
+            # lock the others held): its imports otherwise start numpy's and scipy's OpenBLAS
+            # thread servers and pyarrow's jemalloc background thread (pandas, via sklearn). A
+            # command forked from it hung, rarely, before printing anything (2 of 3 suites
+            # here). Its children keep the single-threaded BLAS they inherit; their own
+            # subprocesses get the test's environment.
+            **ZYGOTE_ENV}
         self.proc = subprocess.Popen([sys.executable, str(SERVER)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, bufsize=1, cwd=ROOT, env=env)
         first = json.loads(self.proc.stdout.readline() or "{}")
         if not first.get("ready"):
             raise RuntimeError("the test zygote did not start; run with EFFBENCH_TEST_SUBPROCESS=1")
+        self.threads = int(first.get("threads", 1))  # native threads when it forks
         self.lock = threading.Lock()
         self.waiting: dict[str, Future] = {}
         self.ids = itertools.count()
