@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import assert_predictions, run_cli
+from tests.helpers import cli
 from tests.helpers.tiny import QUIET, tiny
 
 QUICK = QUIET
@@ -79,12 +83,6 @@ def test_the_zygote_that_forks_the_commands_holds_one_thread() -> None:
     """Forking copies one thread and every lock the others held: the zygote the commands are
     forked from (tests/helpers/cli.py) must have no other native thread (OpenBLAS servers,
     pyarrow's jemalloc background thread), or a forked command can hang."""
-    import os
-
-    import pytest
-
-    from tests.helpers import cli
-
     if os.environ.get("EFFBENCH_TEST_SUBPROCESS") == "1" or not os.path.isdir("/proc/self/task"):
         pytest.skip("commands run as fresh interpreters here")
     assert cli._shared().threads == 1
