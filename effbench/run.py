@@ -167,10 +167,13 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
                                   original_cwd, stop, startup)
             finally:
                 lock.release()
-        except (Interrupted, KeyboardInterrupt) as err:  # before or after _run_owned's own
-            if summary["status"] != "completed":
-                summary["status"], summary["error"] = "interrupted", f"interrupted by {err}"
-                summary["signal"] = str(err)
+        except (Interrupted, KeyboardInterrupt) as err:  # claiming or letting go of the folder
+            if summary["status"] not in ("completed", "interrupted"):
+                signum = stop.received(err) or signal.SIGINT
+                summary["status"], summary["signal"] = "interrupted", signal.Signals(signum).name
+                summary["error"], ckpt, summary["resume_command"] = interrupted_message(
+                    signum, run_dir, overrides, cfg.trainer.get("max_epochs"))
+                summary["checkpoint"] = ckpt["path"] if ckpt else None
             return summary
 
 
@@ -186,9 +189,11 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
     # passed: a refused command leaves it byte for byte. A new folder gets a `running` summary
     # at once, so a run killed outright still shows (effbench-compare: incomplete).
     touched = not (run_dir / "summary.json").exists()
-    if touched and rank0:
-        _write_running(run_dir, summary)
     try:
+        # Inside the try: a signal the moment the running summary appears (what a watcher of
+        # summary.json waits for) still ends in an `interrupted` summary, not a `running` one.
+        if touched and rank0:
+            _write_running(run_dir, summary)
         validate(cfg, overrides)
         if cfg.tracking.energy:
             check_country(cfg.tracking.country)

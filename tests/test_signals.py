@@ -113,6 +113,26 @@ def test_signal_during_setup_interrupted_no_checkpoint(signum: int, tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_the_moment_the_running_summary_appears(signum: int, tmp_path: Path) -> None:
+    """The signal arrives just after the ``running`` summary is written, before set-up begins
+    (the moment a watcher of summary.json signals): the summary still becomes ``interrupted``,
+    with the same sentence as any stop before the first checkpoint."""
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "running"
+    env = {"PYTHONPATH": f"{FAULTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "EFFBENCH_FAULT_PAUSE_RUNNING": str(marker)}
+    proc = _start([*ARGS, f"hydra.run.dir={run_dir}"], tmp_path, env=env)
+    code, err = _signal_when(proc, marker.is_file, signum)
+    assert code == 128 + signum
+    name = signal.Signals(signum).name
+    assert _one_line(err) == (f"effbench: interrupted by {name} before the first checkpoint; "
+                              "run the same command again to start over.")
+    s = _summary(run_dir)
+    assert s["status"] == "interrupted" and s["signal"] == name and s["checkpoint"] is None
+
+
+@pytest.mark.slow
 def test_sigterm_during_testing_interrupted_with_final_checkpoint(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     marker = tmp_path / "testing"

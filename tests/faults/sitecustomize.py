@@ -9,6 +9,8 @@ start-up). Nothing here is part of effbench.
 - ``EFFBENCH_FAULT_WRITE=<errno name>``: every ``torch.save`` to a file (checkpoints) fails with
   that error (``EROFS``: a folder gone read-only, ``ENOSPC``: a full disk) after writing part of
   the file, as a real failed write does.
+- ``EFFBENCH_FAULT_PAUSE_RUNNING=<file>``: right after the ``running`` summary is written, create
+  ``<file>`` and wait, so the test can signal the job the moment its summary appears.
 """
 
 from __future__ import annotations
@@ -63,9 +65,28 @@ def _failing_writes(name: str) -> None:
     torch.save = save
 
 
+def _pause_after_running(marker: str) -> None:
+    import time
+
+    import effbench.summary
+
+    real = effbench.summary.write_json_atomic
+
+    def write_json_atomic(path, data):  # noqa: ANN001, ANN202
+        real(path, data)
+        if data.get("status") == "running":
+            open(marker, "w").close()
+            time.sleep(120)
+
+    # effbench.run binds the name when it is imported, after this.
+    effbench.summary.write_json_atomic = write_json_atomic
+
+
 if os.environ.get("EFFBENCH_FAULT_PAUSE_TEST"):
     _pause_before_test(os.environ["EFFBENCH_FAULT_PAUSE_TEST"])
 if os.environ.get("EFFBENCH_FAULT_FAIL_SEED"):
     _fail_seed(int(os.environ["EFFBENCH_FAULT_FAIL_SEED"]))
 if os.environ.get("EFFBENCH_FAULT_WRITE"):
     _failing_writes(os.environ["EFFBENCH_FAULT_WRITE"])
+if os.environ.get("EFFBENCH_FAULT_PAUSE_RUNNING"):
+    _pause_after_running(os.environ["EFFBENCH_FAULT_PAUSE_RUNNING"])
