@@ -169,11 +169,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
                 lock.release()
         except (Interrupted, KeyboardInterrupt) as err:  # claiming or letting go of the folder
             if summary["status"] not in ("completed", "interrupted"):
-                signum = stop.received(err) or signal.SIGINT
-                summary["status"], summary["signal"] = "interrupted", signal.Signals(signum).name
-                summary["error"], ckpt, summary["resume_command"] = interrupted_message(
-                    signum, run_dir, overrides, cfg.trainer.get("max_epochs"))
-                summary["checkpoint"] = ckpt["path"] if ckpt else None
+                _record_interrupted(summary, stop.received(err) or signal.SIGINT, run_dir,
+                                    overrides, cfg)
             return summary
 
 
@@ -241,10 +238,7 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         if signum is None:  # a library's sys.exit: a failure like any other
             summary["error"] = f"the run stopped early ({type(err).__name__}: {err})"
         else:
-            summary["status"], summary["signal"] = "interrupted", str(Interrupted(signum))
-            summary["error"], ckpt, summary["resume_command"] = interrupted_message(
-                signum, run_dir, overrides, cfg.trainer.get("max_epochs"))
-            summary["checkpoint"] = ckpt["path"] if ckpt else None
+            _record_interrupted(summary, signum, run_dir, overrides, cfg)
             if signum == signal.SIGTERM and (job := _requeue_job(cfg)):
                 summary["requeued"] = requeue(job)
                 summary["error"] += f"; {summary['requeued']}."
@@ -277,6 +271,15 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         finish_loggers(ctx.built_loggers if ctx is not None else None, run_dir / "summary.json",
                        cfg)
     return summary
+
+
+def _record_interrupted(summary: dict[str, Any], signum: int, run_dir: Path,
+                        overrides: list[str], cfg: DictConfig) -> None:
+    """The summary of a run stopped by ``signum``: its sentence, checkpoint, resume command."""
+    summary["status"], summary["signal"] = "interrupted", signal.Signals(signum).name
+    summary["error"], ckpt, summary["resume_command"] = interrupted_message(
+        signum, run_dir, overrides, cfg.trainer.get("max_epochs"))
+    summary["checkpoint"] = ckpt["path"] if ckpt else None
 
 
 def _write_error_log(run_dir: Path, text: str) -> None:
