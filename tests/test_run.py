@@ -101,3 +101,34 @@ def test_lr_scaled_by_world_size(scaling: str, expected: float) -> None:
     opt = system.configure_optimizers()
     assert isinstance(opt, torch.optim.Adam)
     assert opt.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_cpu_plan_steps_without_an_nvml_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU plan an optimizer step does not ask NVML whether a GPU exists: Lightning's
+    PYTORCH_NVML_BASED_CUDA_CHECK=1 made torch's Adam dlopen libnvidia-ml on every step (10 % of
+    a cached-feature head's training on the 2-core CPU)."""
+    import ctypes
+
+    import torch
+    from torch import nn
+
+    from effbench.hardware import resolve_plan
+    from tests.conftest import compose_cfg
+
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as `import pytorch_lightning` does
+    cfg = compose_cfg(["hardware=cpu"])
+    threads = torch.get_num_threads()
+    try:
+        resolve_plan(cfg.hardware, cfg.trainer)
+    finally:
+        torch.set_num_threads(threads)
+    loads: list[tuple] = []
+    real = ctypes.CDLL
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: loads.append(a) or real(*a, **k))
+    model = nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters())
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+    assert loads == []
