@@ -46,6 +46,7 @@ class Recipe:
         if not isinstance(factory, partial):
             raise EffbenchError("optim.optimizer needs _partial_: true (the pipeline passes the "
                                 "parameters); keep it as in conf/optim/default.yaml.")
+        check_builds(factory, target, float(node.get("lr", 1e-3)))
         return cls(optimizer=factory, lr=float(node.get("lr", 1e-3)),
                    scheduler=_plain(optim.get("scheduler")),
                    early_stopping=_plain(optim.get("early_stopping")),
@@ -67,6 +68,26 @@ class Recipe:
             cbs.append(EarlyStopping(monitor=self.monitor, mode="min", strict=False,
                                      patience=int(self.early_stopping["patience"])))
         return cbs
+
+
+def check_builds(factory: partial, target: str, lr: float) -> None:
+    """Build the optimizer once, on a one-element parameter, before the run starts: an option
+    torch refuses (an unknown keyword, betas outside [0, 1), ``fused`` with ``foreach``) is one
+    sentence naming optim.optimizer, not a traceback from inside Lightning's set-up."""
+    import re
+
+    try:
+        factory([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    except TypeError as err:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown is None:
+            raise
+        raise EffbenchError(f"optim.optimizer.{unknown.group(1)} is not an option of {target}; "
+                            f"remove optim.optimizer.{unknown.group(1)}=… (see `effbench --cfg "
+                            "job` for the options).") from err
+    except (ValueError, RuntimeError) as err:
+        raise EffbenchError(f"{target} refuses optim.optimizer ({str(err).rstrip('.')}); change "
+                            "that option (conf/optim/default.yaml has the recipe's).") from err
 
 
 def last_checkpoint(ckpt_dir: Path) -> ModelCheckpoint:
