@@ -226,7 +226,7 @@ def train_img_s(model, loss_fn: Callable, next_batch: Callable, args: argparse.N
     if channels_last:
         model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if compiled else model
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)  # effbench's default
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # effbench's default
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
 
     def step() -> int:

@@ -74,7 +74,7 @@ def plain_fit(cfg, tmp: Path) -> tuple[float, int]:
     torch.manual_seed(0)
     ctx = build_run(cfg, tmp)
     dm, model = ctx.datamodule, ctx.system
-    opt = torch.optim.Adam(model.parameters(), lr=ctx.recipe.lr, foreach=True)  # as effbench
+    opt = torch.optim.Adam(model.parameters(), lr=ctx.recipe.lr, fused=True)  # as effbench
     images = 0
     start = time.perf_counter()
     for _ in range(int(cfg.trainer.max_epochs)):

@@ -77,7 +77,7 @@ CASES: list[tuple[list[str], str]] = [
     (["optim.optimizer.weight_decay=-1"], "optim.optimizer.weight_decay=-1"),
     (["optim=rmsprop"], "optim=rmsprop is not one of the optim options"),
     # options torch's optimizer refuses when it is built (was a traceback from Lightning's set-up)
-    (["+optim.optimizer.fused=true"], "`fused` and `foreach` cannot be `True` together"),
+    (["optim.optimizer.foreach=true"], "`fused` and `foreach` cannot be `True` together"),
     (["+optim.optimizer.betas=[0.9,2.0]"], "Invalid beta parameter at index 1: 2.0"),
     (["+optim.optimizer.bogus=1"], "optim.optimizer.bogus is not an option of torch.optim.Adam"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
