@@ -79,6 +79,7 @@ def main() -> None:
     figures.update({"overhead_pct": overhead["overhead_pct"],
                     "overhead_as_run_pct": overhead["overhead_as_run_pct"],
                     "sweep_speedup": sweep["sweep_speedup"],
+                    "sweep_speedup_whole": sweep["sweep_speedup_whole"],
                     "batched_speedup": sweep["batched_speedup"],
                     "precomputed_time_reduction_pct": sweep["time_reduction_pct"]})
     figures["load_avg_start"] = round(load_start, 2)
@@ -90,6 +91,7 @@ def main() -> None:
             ("Lightning vs plain loop (training)", f"{figures['overhead_pct']:+.1f} %", "<= 5 %"),
             ("  as a run (checkpoints, loggers)", f"{figures['overhead_as_run_pct']:+.1f} %", ""),
             ("cached-feature sweep vs fine-tuning", f"{figures['sweep_speedup']:.1f}x", ">= 50x"),
+            ("  whole `effbench -m` processes", f"{figures['sweep_speedup_whole']:.1f}x", ""),
             ("  batched heads vs sequential hits", f"{figures['batched_speedup']:.2f}x", "")]
     print(f"\n{date.today()}  {platform.processor() or platform.machine()}, {os.cpu_count()} "
           f"cores, load average {load_start:.2f} at the start, {figures['load_avg_end']:.2f} at "
