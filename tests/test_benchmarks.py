@@ -62,8 +62,8 @@ def test_bench_gpu_effbench_jobs_compose() -> None:
     """Every effbench job the GPU benchmark runs composes against today's config tree."""
     proc = run_script(["--check"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    # per model: fp32 and AMP, a short and a long run each; plus the two imagefolder runs
-    assert last_json(proc.stdout)["checked_configs"] == 4 * 3 + 2
+    # per model: fp32, bf16 and fp16, a short and a long run each; plus the two imagefolder runs
+    assert last_json(proc.stdout)["checked_configs"] == 6 * 3 + 2
 
 
 def test_bench_gpu_unknown_key_is_one_clear_message() -> None:
