@@ -107,3 +107,41 @@ def test_explicit_other_precision_is_refused(tmp_path: Path) -> None:
     assert res.returncode != 0
     assert "trainer.precision=bf16-mixed cannot take effect" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_conv_bn_rewrites_only_for_present_convolutions_same_int8_model(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchao rewrites Conv-BN once per convolution kind (conv1d, conv2d, transposed ones),
+    exporting its patterns each time; effbench skips the kinds the graph lacks
+    (qat/patterns.py). The int8 model is the very one torchao makes, from far fewer exports."""
+    from torchao.quantization.pt2e import qat_utils
+
+    from effbench.techniques.qat import patterns
+
+    exports: list[int] = []
+    real = qat_utils._get_aten_graph_module_for_pattern
+    monkeypatch.setattr(qat_utils, "_get_aten_graph_module_for_pattern",
+                        lambda *a, **k: exports.append(1) or real(*a, **k))
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def int8_model() -> tuple[torch.fx.GraphModule, int]:
+        torch.manual_seed(0)
+        before = len(exports)
+        model = prepare_qat(ConvBNNet(), x[:4], "conv")
+        model(x)  # a training-mode pass: BN statistics and observer ranges see data
+        model.eval()
+        return convert_int8(model), len(exports) - before
+
+    skipped, skipped_exports = int8_model()
+    with monkeypatch.context() as m:  # torchao's own flow: nothing is wrapped
+        m.setattr(patterns, "HELPERS", ("no_such_helper",))
+        full, full_exports = int8_model()
+    assert qat_utils._fold_conv_bn_qat_helper.__module__ == qat_utils.__name__  # restored
+    assert skipped.code == full.code
+    assert skipped.state_dict().keys() == full.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(skipped.state_dict().values(),
+                                                 full.state_dict().values()))
+    with torch.no_grad():
+        assert torch.equal(skipped(x), full(x))
+    assert 0 < skipped_exports * 3 <= full_exports

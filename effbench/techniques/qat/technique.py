@@ -39,6 +39,7 @@ from effbench.model.saved import SavedModel, int8_graph_model
 from effbench.summary import state_dict_bytes
 from effbench.task import is_multilabel
 from effbench.technique import Technique, Train, register
+from effbench.techniques.qat.patterns import present_convolutions_only
 
 if TYPE_CHECKING:
     from effbench.context import RunContext
@@ -60,7 +61,8 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, scope: str) -> torch.fx
     # quantization partitions, not one with two outputs (which the x86 quantizer rejects).
     graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},),
                                 strict=True).module()
-    prepared = prepare_qat_pt2e(graph, x86_quantizer(scope, fake_quant=True))
+    with present_convolutions_only():  # Conv-BN fusion patterns only for convolutions it has
+        prepared = prepare_qat_pt2e(graph, x86_quantizer(scope, fake_quant=True))
     allow_exported_model_train_eval(prepared)  # Lightning's .train()/.eval() switch BN & dropout
     return prepared
 
@@ -72,7 +74,8 @@ def convert_int8(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     model = copy.deepcopy(prepared)
     move_exported_model_to_eval(model)
-    return drop_unused_tensors(convert_pt2e(model))
+    with present_convolutions_only():  # BN folding patterns only for convolutions it has
+        return drop_unused_tensors(convert_pt2e(model))
 
 
 @register
