@@ -34,7 +34,7 @@ from effbench.lifecycle import (
 from effbench.loggers import finish_loggers, quiet_third_party
 from effbench.losses import build_loss
 from effbench.ranks import is_rank_zero
-from effbench.recipe import Recipe
+from effbench.recipe import Recipe, unfused_for_clipping
 from effbench.rundir import (
     RunDirLock,
     check_resume,
@@ -67,6 +67,9 @@ def build_context(cfg: DictConfig, run_dir: Path, techniques: list[Technique], r
     who = next((f"strategy={t.name}" for t in techniques if t.requires_precision), "")
     plan = resolve_plan(cfg.hardware, cfg.trainer, needed,
                         explicit_precision=_set_by_user("trainer.precision", overrides), who=who)
+    recipe = unfused_for_clipping(recipe, cfg.optim, plan.precision,
+                                  cfg.trainer.get("gradient_clip_val"),
+                                  _set_by_user("optim.optimizer.fused", overrides))
     cached = _cached_parts(cfg, techniques)
     if cached is not None:
         backbone, dm = cached
@@ -220,7 +223,7 @@ def _run_owned(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], override
         started = time.perf_counter()
         tracker.start()
         times["energy_tracker"] = time.perf_counter() - started
-        summary["strategy"], model_facts = pipeline.run(ctx, techniques, recipe)
+        summary["strategy"], model_facts = pipeline.run(ctx, techniques, ctx.recipe)
         started = time.perf_counter()
         energy = results.whole_run_energy(tracker.stop(), ctx.record)
         times["energy_tracker"] += time.perf_counter() - started

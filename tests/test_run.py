@@ -132,3 +132,14 @@ def test_cpu_plan_steps_without_an_nvml_probe(monkeypatch: pytest.MonkeyPatch) -
         model(torch.randn(3, 4)).sum().backward()
         opt.step()
     assert loads == []
+
+
+def test_clipping_under_mixed_precision_steps_unfused_and_records_it(tmp_path: Path) -> None:
+    """Lightning cannot clip the gradients of a fused optimizer under mixed precision: the
+    recipe's fused default steps unfused then, and resolved_config.yaml says so."""
+    from omegaconf import OmegaConf
+
+    summary = run_job(tmp_path, ["trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0"])
+    assert summary["status"] == "completed", summary["error"]
+    resolved = OmegaConf.load(tmp_path / "run" / "resolved_config.yaml")
+    assert resolved.optim.optimizer.fused is False and resolved.optim.optimizer.foreach is True
