@@ -24,6 +24,15 @@ def root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def unknown_keyword(err: BaseException) -> str | None:
+    """The keyword a constructor was given but does not take (``TypeError: … got an unexpected
+    keyword argument 'x'``), else None."""
+    import re
+
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+    return match.group(1) if isinstance(err, TypeError) and match else None
+
+
 def user_message(err: BaseException) -> str | None:
     """One sentence for an error the user caused (bad value, unknown option), else None.
 
@@ -35,12 +44,12 @@ def user_message(err: BaseException) -> str | None:
     cause = root_cause(err)
     if isinstance(cause, EffbenchError):
         return str(cause)
-    match = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
-    if isinstance(cause, TypeError) and match:
+    key = unknown_keyword(cause)
+    if key:
         where = re.search(r"full_key: (\S+)", str(err))
         group = where.group(1) if where else "the config"
-        return (f"{group}.{match.group(1)} is not an option of this {group}; remove "
-                f"{group}.{match.group(1)}=… (see `effbench --cfg job` for the options).")
+        return (f"{group}.{key} is not an option of this {group}; remove "
+                f"{group}.{key}=… (see `effbench --cfg job` for the options).")
     return None
 
 

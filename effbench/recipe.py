@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
-from effbench.errors import EffbenchError
+from effbench.errors import EffbenchError, unknown_keyword
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +104,15 @@ def check_builds(factory: partial, target: str, lr: float) -> None:
     """Build the optimizer once, on a one-element parameter, before the run starts: an option
     torch refuses (an unknown keyword, betas outside [0, 1), ``fused`` with ``foreach``) is one
     sentence naming optim.optimizer, not a traceback from inside Lightning's set-up."""
-    import re
-
     try:
         factory([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     except TypeError as err:
-        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
-        if unknown is None:
+        key = unknown_keyword(err)
+        if key is None:
             raise
-        raise EffbenchError(f"optim.optimizer.{unknown.group(1)} is not an option of {target}; "
-                            f"remove optim.optimizer.{unknown.group(1)}=… (see `effbench --cfg "
-                            "job` for the options).") from err
+        raise EffbenchError(f"optim.optimizer.{key} is not an option of {target}; remove "
+                            f"optim.optimizer.{key}=… (see `effbench --cfg job` for the "
+                            "options).") from err
     except (ValueError, RuntimeError) as err:
         raise EffbenchError(f"{target} refuses optim.optimizer ({str(err).rstrip('.')}); change "
                             "that option (conf/optim/default.yaml has the recipe's).") from err

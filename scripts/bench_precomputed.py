@@ -83,9 +83,11 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
             *threads_override(args)]
 
 
-def job_overrides(args: argparse.Namespace, strategy: str, epochs: int, lr: float, cache: Path,
-                  extra: tuple[str, ...] = ()) -> list[str]:
-    return [*common_overrides(args), f"strategy={strategy}", f"optim.optimizer.lr={lr:g}",
+def job_overrides(args: argparse.Namespace, strategy: str, epochs: int, lr: float | str,
+                  cache: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """One job's overrides; ``lr`` a rate, or a sweep's comma-separated rates (``effbench -m``)."""
+    lr = lr if isinstance(lr, str) else f"{lr:g}"
+    return [*common_overrides(args), f"strategy={strategy}", f"optim.optimizer.lr={lr}",
             f"trainer.max_epochs={epochs}", f"cache_dir={cache}",
             "trainer.enable_progress_bar=false", f"tracking.energy={str(args.energy).lower()}",
             *extra, *args.overrides]
@@ -172,10 +174,9 @@ def cli_sweep(args: argparse.Namespace, strategy: str, cache: Path, sweep_dir: P
     """``effbench -m`` over the K learning rates, as a user types it: the whole process's wall
     time (start-up, Hydra's multirun, every job) and the jobs' summaries in sweep order."""
     lrs = ",".join(f"{lr:g}" for lr in lrs_of(args))
-    overrides = [o for o in job_overrides(args, strategy, args.sweep_epochs, 1.0, cache, extra)
-                 if not o.startswith("optim.optimizer.lr=")]
-    cmd = [str(Path(sys.executable).parent / "effbench"), "-m", *overrides,
-           f"optim.optimizer.lr={lrs}", f"hydra.sweep.dir={sweep_dir}"]
+    cmd = [str(Path(sys.executable).parent / "effbench"), "-m",
+           *job_overrides(args, strategy, args.sweep_epochs, lrs, cache, extra),
+           f"hydra.sweep.dir={sweep_dir}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
