@@ -1,7 +1,8 @@
 """Every CPU figure of the README from one command: start-up (``--help``, ``--cfg job``), the first
 run a newcomer makes (the default experiment, whole process), Lightning's overhead against a
-plain loop, and the cached-feature sweep against fine-tuning. Each benchmark runs as its own
-process, one after the other; its last line (one JSON object) is collected.
+plain loop, the cached-feature sweep against fine-tuning, and each dataset format's data paths.
+Each benchmark runs as its own process, one after the other; its last line (one JSON object) is
+collected.
 
     .venv/bin/python scripts/bench_all.py            # about 10 minutes on a quiet 2-core CPU
     .venv/bin/python scripts/bench_all.py --quick    # fewer repeats and epochs (a smoke run)
@@ -76,6 +77,11 @@ def main() -> None:
                            "--repeats", str(repeats)])
     sweep = _last_json([py, "scripts/bench_precomputed.py", *(
         ["--epochs", "3", "--k", "3", "--sweep-epochs", "3"] if args.quick else [])])
+    paths = _last_json([py, "scripts/bench_data_paths.py", *(
+        ["--images", "48", "--min-time", "0.3"] if args.quick else [])])["paths"]
+    figures["data_paths_img_s"] = {
+        name: {path: fig["img_s"] for path, fig in found.items() if "img_s" in fig}
+        for name, found in paths.items()}
     figures.update({"overhead_pct": overhead["overhead_pct"],
                     "overhead_as_run_pct": overhead["overhead_as_run_pct"],
                     "sweep_speedup": sweep["sweep_speedup"],
@@ -93,6 +99,14 @@ def main() -> None:
             ("cached-feature sweep vs fine-tuning", f"{figures['sweep_speedup']:.1f}x", ">= 50x"),
             ("  whole `effbench -m` processes", f"{figures['sweep_speedup_whole']:.1f}x", ""),
             ("  batched heads vs sequential hits", f"{figures['batched_speedup']:.2f}x", "")]
+    for name, rates in figures["data_paths_img_s"].items():
+        if "cached_ram" in rates:  # a file format: decoded per image vs the pre-resized cache
+            rows.append((f"data path {name}, img/s at 224 px", f"{rates['streamed_0w']:.0f} "
+                         f"streamed, {rates['cached_ram']:.0f} cached "
+                         f"({rates['cached_ram'] / rates['streamed_0w']:.1f}x)", ""))
+        else:
+            rows.append((f"data path {name}, img/s at 224 px",
+                         f"{rates['resident']:.0f} resident", ""))
     print(f"\n{date.today()}  {platform.processor() or platform.machine()}, {os.cpu_count()} "
           f"cores, load average {load_start:.2f} at the start, {figures['load_avg_end']:.2f} at "
           "the end" + ("" if max(load_start, figures["load_avg_end"]) < 1 else

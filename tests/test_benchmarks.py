@@ -33,7 +33,7 @@ def last_json(stdout: str) -> dict:
 def test_every_benchmark_is_listed() -> None:
     names = {p.stem for p in SCRIPTS}
     assert {"bench_overhead", "bench_precomputed", "bench_dynamic", "bench_freeze",
-            "bench_image_cache", "bench_gpu"} <= names
+            "bench_data_paths", "bench_gpu"} <= names
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=[p.stem for p in SCRIPTS])
@@ -42,6 +42,22 @@ def test_bench_script_imports_and_defines_main(path: Path) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # __name__ is not "__main__": nothing runs
     assert callable(getattr(module, "main", None)), f"{path.name} has no main()"
+
+
+def test_bench_data_paths_reads_every_path_of_a_file_and_an_array_format() -> None:
+    """Every path reads every image of the real layout (a figure over fewer images would compare
+    different work), and the JSON line holds each path's figures."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_data_paths.py"),
+                           "--formats", "brain_mri,medmnist", "--images", "24", "--passes", "1",
+                           "--min-time", "0", "--workers", "1", "--res", "32"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = last_json(proc.stdout)
+    mri, npz = figures["paths"]["brain_mri"], figures["paths"]["medmnist"]
+    assert set(mri) == {"streamed_0w", "streamed_1w", "cache_build", "cached_ram", "cached_mmap"}
+    assert {fig["images"] for path, fig in mri.items() if path != "cache_build"} == {24}
+    assert set(npz) == {"resident"} and npz["resident"]["images"] == 24
+    assert figures["brain_mri_cache_vs_streamed"] > 0
 
 
 def test_bench_gpu_without_gpu_skips_cleanly() -> None:
