@@ -16,26 +16,34 @@ from torchmetrics.classification import (
 from effbench.task import is_multilabel
 
 
-def build_metrics(task: str, num_classes: int, validate_args: bool = True) -> MetricCollection:
-    """acc, macro F1, per-class accuracy and AUROC (macro + per class) for the task."""
+def build_metrics(task: str, num_classes: int, validate_args: bool = True,
+                  per_class: bool = True) -> MetricCollection:
+    """acc, macro F1, per-class accuracy and AUROC (macro + per class) for the task.
+
+    ``per_class=False`` leaves out the per-class vectors: a validation row logs scalars only, and
+    the per-class AUROC is half of what computing the metrics costs (one ROC curve per class)."""
     v = {"validate_args": validate_args}
     if is_multilabel(task):
         n = num_classes
-        return MetricCollection({
+        metrics = {
             "acc": MultilabelAccuracy(n, average="micro", **v),
             "f1_macro": MultilabelF1Score(n, average="macro", **v),
             "acc_per_class": MultilabelAccuracy(n, average=None, **v),
             "auroc_macro": MultilabelAUROC(n, average="macro", **v),
             "auroc_per_class": MultilabelAUROC(n, average=None, **v),
-        })
-    c = num_classes
-    return MetricCollection({
-        "acc": MulticlassAccuracy(c, average="micro", **v),
-        "f1_macro": MulticlassF1Score(c, average="macro", **v),
-        "acc_per_class": MulticlassAccuracy(c, average=None, **v),
-        "auroc_macro": MulticlassAUROC(c, average="macro", **v),
-        "auroc_per_class": MulticlassAUROC(c, average=None, **v),
-    })
+        }
+    else:
+        c = num_classes
+        metrics = {
+            "acc": MulticlassAccuracy(c, average="micro", **v),
+            "f1_macro": MulticlassF1Score(c, average="macro", **v),
+            "acc_per_class": MulticlassAccuracy(c, average=None, **v),
+            "auroc_macro": MulticlassAUROC(c, average="macro", **v),
+            "auroc_per_class": MulticlassAUROC(c, average=None, **v),
+        }
+    if not per_class:
+        metrics = {k: m for k, m in metrics.items() if not k.endswith("_per_class")}
+    return MetricCollection(metrics)
 
 
 def split_scalars(values: dict[str, torch.Tensor], prefix: str,

@@ -47,7 +47,7 @@ class ClassifierSystem(pl.LightningModule):
         # For the train-val gap. No input validation: its checks read values back from the GPU,
         # a synchronisation on every training step.
         self.train_acc = build_metrics(task, n, validate_args=False)["acc"].clone()
-        self.val_metrics = build_metrics(task, n)
+        self.val_metrics = build_metrics(task, n, per_class=False)  # a val row: scalars
         self.test_metrics = build_metrics(task, n)
         self.best_val: dict[str, float] = {}
         self.test_results: dict[str, Any] = {}

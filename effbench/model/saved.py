@@ -120,8 +120,11 @@ def describe_head(module: nn.Module) -> dict[str, Any]:
     """``{"type": "Sequential", "layers": [...]}`` or ``{"type": "Linear", "args": {...}}``."""
     if type(module) is nn.Sequential:
         return {"type": "Sequential", "layers": [describe_head(m) for m in module]}
+    # A layer that differs from a listed one only while training (how it draws a dropout mask)
+    # names that one as ``saved_as``: the saved model rebuilds it, identical in evaluation.
+    kind = getattr(type(module), "saved_as", type(module))
     for name, (cls, args) in HEAD_LAYERS.items():
-        if type(module) is cls:
+        if kind is cls:
             return {"type": name, "args": args(module)}
     raise EffbenchError(f"the head layer {type(module).__name__} has no saved-model "
                         f"description (layers: Sequential, {', '.join(HEAD_LAYERS)}); add it to "

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from effbench.errors import EffbenchError
+from effbench.model.saved import describe_head
 from effbench.techniques.precomputed.ambiguity import ambiguity, ambiguity_weights
 from effbench.techniques.precomputed.bn_adapt import adapt_batchnorm
 from effbench.techniques.precomputed.cache import FeatureCache, digest
-from effbench.techniques.precomputed.heads import build_head
+from effbench.techniques.precomputed.heads import HeadDropout, build_head
 
 
 def _shifted_batches(mean: float = 2.0, std: float = 3.0, n: int = 8) -> list[torch.Tensor]:
@@ -116,13 +117,31 @@ def test_cache_detects_truncated_and_corrupt_files(tmp_path: Path) -> None:
 def test_heads() -> None:
     mlp = build_head("mlp", 16, 3, hidden=8, dropout=0.5)
     kinds = [type(m) for m in mlp]
-    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout, nn.Linear]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, HeadDropout, nn.Linear]
     assert mlp(torch.randn(4, 16)).shape == (4, 3)
     assert isinstance(build_head("linear", 16, 3), nn.Linear)
     with pytest.raises(EffbenchError, match="strategy.precomputed.head='deep'"):
         build_head("deep", 16, 3)
     with pytest.raises(EffbenchError, match="strategy.precomputed.dropout=1.5"):
         build_head("mlp", 16, 3, dropout=1.5)
+
+
+def test_head_dropout_is_inverted_dropout_fixed_by_the_seed() -> None:
+    """The head's dropout (a uniform draw, faster than torch's CPU bernoulli) keeps each element
+    with probability 1 − p, scales the kept by 1 / (1 − p), is the identity in evaluation, draws
+    the same mask after the same seed, and is saved as the nn.Dropout it is in evaluation."""
+    drop, x = HeadDropout(0.3), torch.ones(400, 512)
+    torch.manual_seed(0)
+    out = drop(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005  # 204,800 draws: σ ≈ 0.001
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), out)
+    assert torch.equal(drop.eval()(x), x)
+    assert HeadDropout(0.0).train()(x) is x
+    assert describe_head(build_head("mlp", 16, 3, hidden=8, dropout=0.3))["layers"][3] == \
+        {"type": "Dropout", "args": {"p": 0.3}}
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -41,8 +41,9 @@ from effbench.techniques.precomputed.head_training import (
     scores,
     split_optimizers,
 )
+from effbench.techniques.precomputed.heads import HeadDropout, uniform_dropout
 
-MLP = (nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout, nn.Linear)
+MLP = (nn.Linear, nn.BatchNorm1d, nn.ReLU, HeadDropout, nn.Linear)
 
 
 @dataclass
@@ -141,15 +142,16 @@ def _batchnorm(z: torch.Tensor, layers: list[nn.BatchNorm1d], training: bool) ->
 
 
 def _dropout(z: torch.Tensor, rates: list[float], states: list[torch.Tensor]) -> torch.Tensor:
-    """Each head's ``F.dropout`` drawn from its own RNG stream: the device's default generator is
-    set to the head's state for its call and the advanced state kept, so the masks are those its
-    sequential job draws (which seeds the global RNG, then draws only dropout from it)."""
+    """Each head's dropout (:func:`.heads.uniform_dropout`, as its ``HeadDropout``) drawn from its
+    own RNG stream: the device's default generator is set to the head's state for its call and the
+    advanced state kept, so the masks are those its sequential job draws (which seeds the global
+    RNG, then draws only dropout from it)."""
     gen = default_generator(z.device)
     saved, out = gen.get_state(), []
     try:
         for i, (zi, p) in enumerate(zip(z, rates)):
             gen.set_state(states[i])
-            out.append(F.dropout(zi, p, training=True))
+            out.append(uniform_dropout(zi, p))
             states[i] = gen.get_state()
     finally:
         gen.set_state(saved)
@@ -188,7 +190,7 @@ def train_heads(jobs: list[HeadJob], train: Split, val: Split, task: str,
         raise ValueError(f"cannot train these heads batched: {why}")
     x, y = train
     n, cfg0 = len(y), jobs[0].cfg
-    metrics = build_metrics(task, len(class_names)).to(device)
+    metrics = build_metrics(task, len(class_names), per_class=False).to(device)  # val rows
     opts = [split_optimizers(j.optimizers) for j in jobs]
     # What the sequential job draws: its shuffle from a generator seeded with its seed, its
     # dropout from the global RNG right after torch.manual_seed(seed).

@@ -166,23 +166,26 @@ def train_head(head: nn.Module, loss_fn: nn.Module, optimizers: dict | torch.opt
     x, y = train
     bound = bind_schedule(optimizers, cfg.epochs, head_steps(len(y), cfg.batch_size))
     opt, sched = split_optimizers(bound)
-    metrics = build_metrics(task, len(class_names)).to(train[0].device)
+    metrics = build_metrics(task, len(class_names), per_class=False).to(train[0].device)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, state = len(y), EpochState()
     for epoch in range(cfg.epochs):
         head.train()
         total, count = torch.zeros((), device=x.device), 0
-        for idx in torch.randperm(n, generator=gen).to(x.device).split(cfg.batch_size):
-            if len(idx) < 2:  # BatchNorm1d cannot train on a single sample
+        # The epoch's order gathered once; its batches are then views (one gather, not one per
+        # step: the same vectors in the same order).
+        perm = torch.randperm(n, generator=gen).to(x.device)
+        for xb, yb in zip(x[perm].split(cfg.batch_size), y[perm].split(cfg.batch_size)):
+            if len(yb) < 2:  # BatchNorm1d cannot train on a single sample
                 continue
-            logits = head(x[idx])
+            logits = head(xb)
             w = ambiguity_weights(logits, task, cfg.alpha)
-            loss = loss_fn(logits, y[idx], sample_weight=w)
+            loss = loss_fn(logits, yb, sample_weight=w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.detach() * len(idx)
-            count += len(idx)
+            total += loss.detach() * len(yb)
+            count += len(yb)
         state.result.images += count
         state.result.epochs = epoch + 1
         row = {"train/loss": float(total / max(count, 1)), "epoch": epoch}
