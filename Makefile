@@ -22,16 +22,19 @@ run: $(STAMP)
 # Two pytest workers (pytest-xdist), each kept to its own share of the cores (tests/conftest.py):
 # on a 2-core machine most of a test is single-threaded Python (imports, Hydra, Lightning's loop),
 # so two workers finish the suite sooner than one worker with two torch threads. JOBS=1: one.
+# --dist loadgroup: a module marked xdist_group runs on one worker, so its module-scoped fixture
+# runs once, not once per worker (tests/test_bad_input.py: ~90 CLI processes, 33 s).
 JOBS ?= 2
+XDIST = -n $(JOBS) --dist loadgroup
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(JOBS) $(ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(ARGS)
 
 # The edit loop: configs, imports and the core's rules, every refusal through the CLI, datasets,
 # backbones, compare, received folders; no training beyond a few tiny runs. `make test` (CI) runs all.
 FAST := tests/test_config.py tests/test_imports.py tests/test_bad_input.py tests/compare \
         tests/data tests/backbones tests/test_received_folders.py
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(JOBS) -m "not slow" $(FAST) $(ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" $(FAST) $(ARGS)
 
 # Every CPU figure of the README in one run (~10 min; take it on a quiet machine).
 bench: $(STAMP)

@@ -19,6 +19,9 @@ from tests.helpers.tiny import QUIET, tiny
 
 QUICK = QUIET
 TINY = tiny(epochs=1)
+# One xdist worker runs the whole module (`make test`: --dist loadgroup), so the module-scoped
+# fixtures below run every case's CLI process once, not once per worker.
+pytestmark = pytest.mark.xdist_group("bad_input")
 
 
 def _checksums(folder: Path) -> dict[str, str]:
