@@ -53,8 +53,8 @@ def mix_images(mixer: Mixup, x: torch.Tensor) -> torch.Tensor:
     else:
         lam = mixer._mix_batch(x)
     if isinstance(lam, torch.Tensor):
-        return lam.detach().float().flatten().cpu()  # per image (elem, pair)
-    return torch.full((len(x),), float(lam))
+        return lam.detach().float().flatten()  # per image (elem, pair), on x's device
+    return torch.full((len(x),), float(lam), device=x.device)
 
 
 class MixBatch(Callback):
@@ -68,17 +68,20 @@ class MixBatch(Callback):
         self.lambda_sum = 0.0                      # over the mixed images
         self.last_lambda: torch.Tensor | None = None  # per image of the last batch (tests)
         self._loaded: dict[str, Any] | None = None
+        # (batches mixed, images mixed, λ sum) not yet read back, where λ lives: reading them
+        # every step would make the host wait for the GPU once a step (elem/pair λ is a device
+        # tensor); the facts and each checkpoint read them (``_settle``).
+        self._pending: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(x) - len(x) % 2  # timm mixes pairs: an odd batch's last image stays unmixed
-        lam = torch.ones(len(x))
+        lam = torch.ones(len(x), device=x.device)
         if n:
             lam[:n] = mix_images(self.mixer, x[:n])  # x[:n] is a view: x is mixed in place
         m = self.mixer
         target = mixup_target(y, m.num_classes, 1.0, 0.0, m.multi_label)  # one/multi-hot
         if n:
-            target[:n] = mixup_target(y[:n], m.num_classes, lam[:n, None].to(y.device), 0.0,
-                                      m.multi_label)
+            target[:n] = mixup_target(y[:n], m.num_classes, lam[:n, None], 0.0, m.multi_label)
         self._count(lam, odd=n < len(x))
         return x, target
 
@@ -86,20 +89,30 @@ class MixBatch(Callback):
         mixed = lam < 1
         c = self.counts
         c["batches"] += 1
-        c["batches_mixed"] += int(mixed.any())
         c["odd_batches"] += int(odd)
         c["images"] += len(lam)
-        c["images_mixed"] += int(mixed.sum())
-        self.lambda_sum += float(lam[mixed].sum())
+        # λ of an unmixed image is 1: masking by multiplication (boolean indexing would sync).
+        step = torch.stack([mixed.any(), mixed.sum(), (lam * mixed).sum()]).double()
+        self._pending = step if self._pending is None else self._pending + step
         self.last_lambda = lam
 
+    def _settle(self) -> None:
+        if self._pending is not None:
+            batches, images, lam_sum = self._pending.tolist()
+            self.counts["batches_mixed"] += int(batches)
+            self.counts["images_mixed"] += int(images)
+            self.lambda_sum += lam_sum
+            self._pending = None
+
     def facts(self) -> dict[str, Any]:
+        self._settle()
         c = self.counts
         mean = self.lambda_sum / c["images_mixed"] if c["images_mixed"] else None
         return {**c, "batches_not_mixed": c["batches"] - c["batches_mixed"],
                 "mean_lambda": mean}
 
     def state_dict(self) -> dict[str, Any]:
+        self._settle()
         return {**self.counts, "lambda_sum": self.lambda_sum}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -110,7 +123,7 @@ class MixBatch(Callback):
         if self._loaded:
             self.counts = {k: int(self._loaded.get(k, 0)) for k in COUNTS}
             self.lambda_sum = float(self._loaded.get("lambda_sum", 0.0))
-            self._loaded = None
+            self._loaded, self._pending = None, None
 
 
 def _number(value: Any) -> bool:

@@ -36,6 +36,36 @@ def _onehot(y: torch.Tensor) -> torch.Tensor:
     return F.one_hot(y, 4).float()
 
 
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+def test_a_mixed_batch_reads_nothing_back_from_the_device(mode: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """No tensor is read back to the host while batches are mixed (on a GPU each read is a
+    synchronisation, once a step: per-image λ of pair/elem is a device tensor); the counts and
+    mean λ are read once, by the facts, and equal the batches' own λ."""
+    x, y = torch.randn(9, 3, 6, 6), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0])
+    np.random.seed(0)
+    batch = MixBatch(Mixup(mixup_alpha=1.0, label_smoothing=0.0, num_classes=4, mode=mode))
+    reads: list[str] = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def record(self, *a, _name=name, _real=real, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+            reads.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, record)
+    lams = []
+    for _ in range(3):
+        batch(x.clone(), y)
+        lams.append(batch.last_lambda.clone())
+    monkeypatch.undo()
+    assert reads == []
+    facts, lam = batch.facts(), torch.cat(lams)
+    mixed = lam < 1
+    assert (facts["batches"], facts["odd_batches"], facts["images"]) == (3, 3, 27)
+    assert facts["images_mixed"] == int(mixed.sum()) and facts["batches_mixed"] == 3
+    assert facts["mean_lambda"] == pytest.approx(float(lam[mixed].mean()), rel=1e-6)
+
+
 def test_mixup_blends_images_and_targets_by_the_same_lambda() -> None:
     x, y = torch.randn(8, 3, 6, 6), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     out, target, batch = _mix(x, y)
