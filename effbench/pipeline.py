@@ -76,11 +76,17 @@ class KeepZeros(Callback):
     def __init__(self, zeros: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.zeros = zeros
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # The masks moved once to where their weights train (the masks were taken after the
+        # first phase, on the host): a copy from host memory every step would move every mask
+        # again and make the host wait for the GPU each time.
+        self.zeros = [(weight, zero.to(weight.device)) for weight, zero in self.zeros]
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         with torch.no_grad():
             for weight, zero in self.zeros:
-                weight.masked_fill_(zero.to(weight.device), 0.0)
+                weight.masked_fill_(zero, 0.0)
 
 
 def fit_and_test(ctx: RunContext, recipe: Recipe, callbacks: list, resume: str | None = None,

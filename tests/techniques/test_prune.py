@@ -13,6 +13,7 @@ from torch import nn
 from effbench.backbones import build_backbone
 from effbench.errors import EffbenchError
 from effbench.model import zipped_state_dict_bytes
+from effbench.pipeline import KeepZeros
 from effbench.summary import state_dict_bytes
 from effbench.techniques.prune.technique import PolynomialSchedule, Prune, layer_sparsity
 from tests.conftest import TINY_MULTILABEL, load_summary, run_cli, run_job
@@ -199,3 +200,24 @@ def test_cli_run(tmp_path: Path) -> None:
     s = load_summary(tmp_path / "run")
     assert s["status"] == "completed" and "test/auroc_macro" in s["metrics"]
     assert s["model"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_kept_zeros_stay_zero_with_masks_moved_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later phase (qat after prune) keeps the pruned weights at zero after every step, from
+    masks moved to the weights' device once, at the start of training: a per-step copy from host
+    memory is a synchronisation on a GPU."""
+    weight = nn.Parameter(torch.ones(4, 4))
+    zero = torch.zeros(4, 4, dtype=torch.bool)
+    zero[0] = True
+    keep = KeepZeros([(weight, zero)])
+    keep.on_train_start(None, None)
+    moved: list[tuple] = []
+    real = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to",
+                        lambda self, *a, **k: moved.append(a) or real(self, *a, **k))
+    for _ in range(3):
+        with torch.no_grad():
+            weight.add_(1.0)  # an optimizer step moves every weight
+        keep.on_train_batch_end(None, None, None, None, 0)
+        assert torch.all(weight[0] == 0) and torch.all(weight[1:] > 0)
+    assert moved == []
