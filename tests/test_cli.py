@@ -86,3 +86,17 @@ def test_the_zygote_that_forks_the_commands_holds_one_thread() -> None:
     if os.environ.get("EFFBENCH_TEST_SUBPROCESS") == "1" or not os.path.isdir("/proc/self/task"):
         pytest.skip("commands run as fresh interpreters here")
     assert cli._shared().threads == 1
+
+
+def test_a_hung_forked_command_leaves_its_stacks_and_runs_again_fresh() -> None:
+    """A command forked from the zygote that hangs is asked for its threads' stacks, killed and
+    run once more as a fresh interpreter (the user's door), with a warning that shows where it
+    hung (tests/helpers/sleeper.py hangs only when forked)."""
+    if os.environ.get("EFFBENCH_TEST_SUBPROCESS") == "1":
+        pytest.skip("commands run as fresh interpreters here")
+    with pytest.warns(UserWarning, match="fresh interpreter") as caught:
+        res = cli.run_command("tests.helpers.sleeper", [], cli.ROOT, timeout=5)
+    assert res.returncode == 0 and res.stdout.strip() == "fresh interpreter"
+    message = str(caught[0].message)
+    assert "sleeper.py" in message and "in main" in message, message
+

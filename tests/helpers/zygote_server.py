@@ -4,6 +4,7 @@ argv, cwd, environment, stdout/stderr and exit code) without paying torch + Ligh
 again. Protocol on stdin/stdout, one JSON object per line:
 
   request  {"id", "module", "argv", "cwd", "env", "stdout", "stderr"}  -> {"id", "pid"}
+           {"dump": id}                   (SIGUSR2: that child writes its threads' stacks)
            {"kill": id}                                                 (SIGKILL that child)
   reply when a child ends                                               -> {"id", "rc"}
 
@@ -13,6 +14,7 @@ This parent never computes anything (no torch op, no thread pool), so each fork 
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import importlib
 import importlib.util
 import json
@@ -40,6 +42,9 @@ def _child(req: dict) -> None:
         sys.stdin = open(0, closefd=False)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
+        # Where a command hung, the client asks for its stacks before killing it (SIGUSR2:
+        # neither effbench nor Lightning uses it; SLURM's requeue signal is SIGUSR1).
+        faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
         os.environ.clear()
         os.environ.update(req["env"])
         os.chdir(req["cwd"])
@@ -112,10 +117,16 @@ def serve() -> None:
                     _kill(pid)
                 return
             req = json.loads(line)
-            if "kill" in req:
-                pid = next((p for p, i in children.items() if i == req["kill"]), None)
-                if pid is not None:
+            if "kill" in req or "dump" in req:
+                ident = req.get("kill", req.get("dump"))
+                pid = next((p for p, i in children.items() if i == ident), None)
+                if pid is not None and "kill" in req:
                     _kill(pid)
+                elif pid is not None:
+                    try:
+                        os.kill(pid, signal.SIGUSR2)
+                    except OSError:
+                        pass
                 continue
             pid = os.fork()
             if pid == 0:
