@@ -23,24 +23,17 @@ def build_metrics(task: str, num_classes: int, validate_args: bool = True,
     ``per_class=False`` leaves out the per-class vectors: a validation row logs scalars only, and
     the per-class AUROC is half of what computing the metrics costs (one ROC curve per class)."""
     v = {"validate_args": validate_args}
-    if is_multilabel(task):
-        n = num_classes
-        metrics = {
-            "acc": MultilabelAccuracy(n, average="micro", **v),
-            "f1_macro": MultilabelF1Score(n, average="macro", **v),
-            "acc_per_class": MultilabelAccuracy(n, average=None, **v),
-            "auroc_macro": MultilabelAUROC(n, average="macro", **v),
-            "auroc_per_class": MultilabelAUROC(n, average=None, **v),
-        }
-    else:
-        c = num_classes
-        metrics = {
-            "acc": MulticlassAccuracy(c, average="micro", **v),
-            "f1_macro": MulticlassF1Score(c, average="macro", **v),
-            "acc_per_class": MulticlassAccuracy(c, average=None, **v),
-            "auroc_macro": MulticlassAUROC(c, average="macro", **v),
-            "auroc_per_class": MulticlassAUROC(c, average=None, **v),
-        }
+    accuracy, f1, auroc = ((MultilabelAccuracy, MultilabelF1Score, MultilabelAUROC)
+                           if is_multilabel(task) else
+                           (MulticlassAccuracy, MulticlassF1Score, MulticlassAUROC))
+    n = num_classes  # num_labels of the multilabel metrics, num_classes of the multiclass ones
+    metrics = {
+        "acc": accuracy(n, average="micro", **v),
+        "f1_macro": f1(n, average="macro", **v),
+        "acc_per_class": accuracy(n, average=None, **v),
+        "auroc_macro": auroc(n, average="macro", **v),
+        "auroc_per_class": auroc(n, average=None, **v),
+    }
     if not per_class:
         metrics = {k: m for k, m in metrics.items() if not k.endswith("_per_class")}
     return MetricCollection(metrics)
