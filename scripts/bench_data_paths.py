@@ -194,7 +194,9 @@ def paths_of(name: str, root: Path, tmp: Path, args: argparse.Namespace,
                                      device, args)
     if device.type == "cuda":
         options = {"cache_images": True} if name not in ARRAYS else {}
-        out["on_gpu"] = measure(dm(0, **options), device, args, resident=True)
+        resident = measure(dm(0, **options), device, args, resident=True)
+        if resident:  # {}: no split was in memory to move
+            out["on_gpu"] = resident
     return out
 
 
