@@ -130,9 +130,7 @@ def run_command(module: str, args: list[str], cwd: Path, timeout: float = 600,
     Path(cwd).mkdir(parents=True, exist_ok=True)
     # PYTHONPATH (a fault injector's sitecustomize) acts only when an interpreter starts.
     if os.environ.get("EFFBENCH_TEST_SUBPROCESS") == "1" or "PYTHONPATH" in (env or {}):
-        return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
-                              capture_output=True, text=True, timeout=timeout, env=full_env,
-                              preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+        return _fresh(module, args, cwd, timeout, full_env, umask)
     try:
         return _shared().run(module, [str(a) for a in args], Path(cwd), full_env, timeout,
                              umask)
@@ -144,9 +142,15 @@ def run_command(module: str, args: list[str], cwd: Path, timeout: float = 600,
         # warning carries the hung child's stacks.
         warnings.warn(f"a command forked from the test zygote hung; ran it again as a fresh "
                       f"interpreter:\n{hung}", stacklevel=2)
-        return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
-                              capture_output=True, text=True, timeout=timeout, env=full_env,
-                              preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+        return _fresh(module, args, cwd, timeout, full_env, umask)
+
+
+def _fresh(module: str, args: list[str], cwd: Path, timeout: float, env: dict[str, str],
+           umask: int | None) -> subprocess.CompletedProcess:
+    """The command as a fresh interpreter, ``python -m <module> args``."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env,
+                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 600,

@@ -95,6 +95,18 @@ def _kill(pid: int) -> None:
             continue
 
 
+def _dump(pid: int) -> None:
+    """Ask a child for its threads' stacks (its faulthandler, into its stderr)."""
+    try:
+        os.kill(pid, signal.SIGUSR2)
+    except OSError:
+        pass
+
+
+# A request naming a running child by its id: what to do to it.
+ACTIONS = {"kill": _kill, "dump": _dump}
+
+
 def _reply(obj: dict) -> None:
     sys.__stdout__.write(json.dumps(obj) + "\n")
     sys.__stdout__.flush()
@@ -117,16 +129,11 @@ def serve() -> None:
                     _kill(pid)
                 return
             req = json.loads(line)
-            if "kill" in req or "dump" in req:
-                ident = req.get("kill", req.get("dump"))
-                pid = next((p for p, i in children.items() if i == ident), None)
-                if pid is not None and "kill" in req:
-                    _kill(pid)
-                elif pid is not None:
-                    try:
-                        os.kill(pid, signal.SIGUSR2)
-                    except OSError:
-                        pass
+            action = next((a for a in ACTIONS if a in req), None)
+            if action is not None:
+                pid = next((p for p, i in children.items() if i == req[action]), None)
+                if pid is not None:
+                    ACTIONS[action](pid)
                 continue
             pid = os.fork()
             if pid == 0:
