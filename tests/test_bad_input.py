@@ -127,6 +127,8 @@ CASES: list[tuple[list[str], str]] = [
      "strategy.precomputed.eval_on='nowhere'"),
     (["strategy=precomputed", "strategy.precomputed.bn_max_passes=0"],
      "strategy.precomputed.bn_max_passes=0"),
+    (["strategy=precomputed", "strategy.precomputed.head_threads=0"],
+     "strategy.precomputed.head_threads=0"),
     (["strategy=qat", "strategy.qat.qat_scope=nope"], "strategy.qat.qat_scope='nope'"),
     # stacks that cannot run
     (["strategy=[precomputed,prune]"], "strategy=[precomputed,prune] cannot run together"),

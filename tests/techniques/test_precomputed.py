@@ -121,7 +121,32 @@ def test_linear_head_and_no_ambiguity_weighting(tmp_path: Path) -> None:
     assert summary["model"]["head_params"] == 512 * 4 + 4
 
 
+@pytest.mark.parametrize(("setting", "threads"), [("auto", 1), ("null", 2), ("2", 2)])
+def test_head_trains_with_the_threads_it_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 setting: str, threads: int) -> None:
+    """``head_threads=auto`` trains the head on one CPU thread whatever hardware.cpu_threads gives
+    the backbone passes; null leaves the hardware's; the summary says which it was."""
+    from effbench.techniques.precomputed import technique
+
+    seen: list[int] = []
+    train_head = technique.train_head
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return train_head(*args, **kwargs)
+
+    monkeypatch.setattr(technique, "train_head", spy)
+    before = torch.get_num_threads()
+    summary = run_job(tmp_path, [*PRE, "hardware.cpu_threads=2",
+                                 f"strategy.precomputed.head_threads={setting}"])
+    assert summary["status"] == "completed", summary["error"]
+    assert seen == [threads]
+    assert summary["strategy"]["precomputed"]["head_threads"] == threads
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(("override", "named"), [
+    ("strategy.precomputed.head_threads=many", "strategy.precomputed.head_threads='many'"),
     ("strategy.precomputed.head=deep", "strategy.precomputed.head='deep'"),
     ("strategy.precomputed.bn_momentum=2", "strategy.precomputed.bn_momentum=2"),
     ("strategy.precomputed.bn_max_passes=0", "strategy.precomputed.bn_max_passes=0"),

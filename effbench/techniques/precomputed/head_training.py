@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from effbench.errors import EffbenchError
 from effbench.metrics import build_metrics, split_scalars
 from effbench.recipe import PendingSchedule
 from effbench.task import is_multilabel
@@ -45,6 +46,29 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# What ``strategy.precomputed.head_threads: auto`` gives a head on a CPU. Why one: a head step is
+# two small matmuls and a dozen element-wise ops on a 64 × 512 batch; a second OpenMP thread halves
+# the matmuls but every op then pays a fork/join, and on a 2-core AMD EPYC, quiet, 10 epochs of the
+# default MLP head on digits took 0.43–0.59 s with 1 thread and 0.64–0.71 s with 2 (4 repeats
+# each; 1.08 vs 2.15–2.89 s while another job used the cores). A number sets it; null leaves
+# torch's (the hardware plan's hardware.cpu_threads).
+AUTO_HEAD_THREADS = 1
+
+
+def head_threads(value: int | str | None) -> int | None:
+    """The CPU threads ``strategy.precomputed.head_threads=value`` trains a head with (None:
+    leave torch's); a sentence naming the value when it is none of auto, null or a count ≥ 1."""
+    if value is None:
+        return None
+    if value == "auto":
+        return AUTO_HEAD_THREADS
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise EffbenchError(f"invalid value strategy.precomputed.head_threads={value!r}: use auto "
+                        "(one thread on a CPU), a thread count such as 2, or null for "
+                        "hardware.cpu_threads.")
 
 
 @dataclass

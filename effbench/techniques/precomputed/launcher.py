@@ -183,6 +183,7 @@ def pretrain(tasks: list[DictConfig], work_dir: Path) -> None:
         bind_schedule,
         cpu_threads,
         head_steps,
+        head_threads,
     )
     from effbench.tracking import EnergyTracker
 
@@ -215,7 +216,7 @@ def pretrain(tasks: list[DictConfig], work_dir: Path) -> None:
                             bind_schedule(system.configure_optimizers(), cfg.epochs, steps), cfg,
                             lambda row, step, logged=logged: logged.append((row, step))))
     on = {s: (x.to(device), y.to(device)) for s, (x, y) in feats.items()}
-    threads = strategy.head_threads if device.type == "cpu" else None
+    threads = head_threads(strategy.head_threads) if device.type == "cpu" else None
     with cpu_threads(threads):
         results = train_heads(jobs, on["train"], on["val"], dm.task, sys0.class_names, device)
     seconds = time.perf_counter() - start

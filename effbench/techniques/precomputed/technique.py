@@ -65,6 +65,7 @@ from effbench.techniques.precomputed.head_training import (
     HeadTraining,
     cpu_threads,
     evaluate_head,
+    head_threads,
     train_head,
 )
 from effbench.techniques.precomputed.heads import build_head
@@ -173,7 +174,7 @@ class Precomputed(Technique):
                  bn_threshold: float = 0.01, bn_max_passes: int = 10,
                  bn_momentum: float | None = 0.1, bn_shuffle_seed: int = 0,
                  head_batch_size: int | None = None,
-                 eval_on: str = "features", head_threads: int | None = None,
+                 eval_on: str = "features", head_threads: int | str | None = "auto",
                  save_model: bool = True, probes: list[str] | None = None,
                  probe_knn_k: int = 20, probe_logreg_c: float = 1.0,
                  probe_logreg_max_iter: int = 1000) -> None:
@@ -185,8 +186,7 @@ class Precomputed(Technique):
         self.probe_logreg_max_iter = probe_logreg_max_iter
         # A cache-hit job builds its backbone only to save the model (<run>/model/).
         self.save_model = save_model
-        # CPU threads for head training (null: torch's default). 1 helps on an oversubscribed
-        # machine, where a descheduled OpenMP worker stalls every small op.
+        # CPU threads for head training (head_training.head_threads: auto = one).
         self.head_threads = head_threads
         self.head, self.hidden, self.dropout = head, hidden, dropout
         self.ambiguity_weight, self.bn_adapt = ambiguity_weight, bn_adapt
@@ -382,6 +382,7 @@ class Precomputed(Technique):
         if not isinstance(self.save_model, bool):
             raise EffbenchError("invalid value strategy.precomputed.save_model="
                                 f"{self.save_model!r}: use true or false.")
+        head_threads(self.head_threads)
         if self.head_batch_size is not None and not (
                 isinstance(self.head_batch_size, int) and self.head_batch_size >= 2):
             raise EffbenchError("invalid value "
@@ -537,6 +538,8 @@ class Precomputed(Technique):
             for logger in loggers:
                 logger.log_metrics(row, step=step)
 
+        # The launcher's batched heads train under the same rule (launcher.pretrain).
+        threads = head_threads(self.head_threads) if device.type == "cpu" else None
         pre = PRETRAINED.pop(job_key(ctx.cfg), None)
         if pre is not None:  # trained batched with the other heads of its sweep group
             sys_.head.load_state_dict(pre.state)
@@ -551,7 +554,7 @@ class Precomputed(Technique):
             # The cache phase consumes random numbers only when it misses (BN passes shuffle);
             # reseed so a job's result is a function of its config and seed, whatever was cached.
             torch.manual_seed(int(ctx.cfg.seed))
-            with cpu_threads(self.head_threads if device.type == "cpu" else None):
+            with cpu_threads(threads):
                 result = train_head(sys_.head, sys_.loss_fn, sys_.configure_optimizers(),
                                     on["train"], on["val"], dm.task, sys_.class_names, cfg, log)
         for logger in loggers:
@@ -561,7 +564,10 @@ class Precomputed(Technique):
         ctx.record.images = result.images
         ctx.extra.setdefault(self.name, {}).update({
             "train_images": result.images, "train_vectors": len(feats["train"][1]),
-            "head_epochs": result.epochs, "stopped_early": result.stopped_early})
+            "head_epochs": result.epochs, "stopped_early": result.stopped_early,
+            # CPU threads the head trained with (null on a GPU)
+            "head_threads": (threads or torch.get_num_threads()) if device.type == "cpu"
+            else None})
 
     def _probe(self, ctx: RunContext, feats: dict[str, tuple]) -> None:
         """The probes on this job's features (train, val, and the test rows the head was
