@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -198,10 +199,24 @@ def _case_args(lab: dict[str, Path], args: list[str]) -> list[str]:
     return [*base, *args]
 
 
+def _once_per_session(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Fail when a second xdist worker starts the cases too: --dist loadgroup stopped grouping
+    (it did under pytest 9.2, pytest-xdist#1386) and every case would run twice."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    mark = tmp_path_factory.getbasetemp().parent / "bad_input_cases_started"
+    try:
+        mark.open("x").close()
+    except FileExistsError:
+        pytest.fail("tests/test_bad_input.py's cases started on a second xdist worker: "
+                    "--dist loadgroup no longer groups them (see pyproject.toml's pytest pin)")
+
+
 @pytest.fixture(scope="module")
-def answers(lab: dict[str, Path]) -> dict[str, Any]:
+def answers(lab: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every case's CLI run, two at a time (each is a separate process that mostly waits on its
     own imports; the suite's time matters), and the completed run's checksums before them."""
+    _once_per_session(tmp_path_factory)
     before = _checksums(lab["run"])
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = {_id(args): pool.submit(run_cli, _case_args(lab, args), lab["root"], 300)
