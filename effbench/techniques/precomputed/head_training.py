@@ -48,12 +48,13 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-# What ``strategy.precomputed.head_threads: auto`` gives a head on a CPU. Why one: a head step is
-# two small matmuls and a dozen element-wise ops on a 64 × 512 batch; a second OpenMP thread halves
-# the matmuls but every op then pays a fork/join, and on a 2-core AMD EPYC, quiet, 10 epochs of the
-# default MLP head on digits took 0.43–0.59 s with 1 thread and 0.64–0.71 s with 2 (4 repeats
-# each; 1.08 vs 2.15–2.89 s while another job used the cores). A number sets it; null leaves
-# torch's (the hardware plan's hardware.cpu_threads).
+# What ``strategy.precomputed.head_threads: auto`` gives a head on a CPU: one thread. A head step
+# is two small matmuls and a dozen element-wise ops on a 64 × 512 batch; a second OpenMP thread
+# halves the matmuls, but every op then waits on its fork/join, and a descheduled worker stalls
+# them all. Measured on the 2-core AMD EPYC, 10 epochs of the default MLP head on digits: quiet,
+# 2 threads 0.376 s and 1 thread 0.443 s (medians of 12 interleaved pairs), so the default (null)
+# keeps the hardware plan's threads; while another job used the cores, 2.15–2.89 s with 2 threads
+# and 1.08 s with 1. A number sets it.
 AUTO_HEAD_THREADS = 1
 
 
@@ -66,9 +67,9 @@ def head_threads(value: int | str | None) -> int | None:
         return AUTO_HEAD_THREADS
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
-    raise EffbenchError(f"invalid value strategy.precomputed.head_threads={value!r}: use auto "
-                        "(one thread on a CPU), a thread count such as 2, or null for "
-                        "hardware.cpu_threads.")
+    raise EffbenchError(f"invalid value strategy.precomputed.head_threads={value!r}: use null "
+                        "(hardware.cpu_threads), a thread count such as 2, or auto (one thread "
+                        "on a CPU).")
 
 
 @dataclass

@@ -174,7 +174,7 @@ class Precomputed(Technique):
                  bn_threshold: float = 0.01, bn_max_passes: int = 10,
                  bn_momentum: float | None = 0.1, bn_shuffle_seed: int = 0,
                  head_batch_size: int | None = None,
-                 eval_on: str = "features", head_threads: int | str | None = "auto",
+                 eval_on: str = "features", head_threads: int | str | None = None,
                  save_model: bool = True, probes: list[str] | None = None,
                  probe_knn_k: int = 20, probe_logreg_c: float = 1.0,
                  probe_logreg_max_iter: int = 1000) -> None:
@@ -186,7 +186,7 @@ class Precomputed(Technique):
         self.probe_logreg_max_iter = probe_logreg_max_iter
         # A cache-hit job builds its backbone only to save the model (<run>/model/).
         self.save_model = save_model
-        # CPU threads for head training (head_training.head_threads: auto = one).
+        # CPU threads for head training (head_training.head_threads: null = the hardware plan's).
         self.head_threads = head_threads
         self.head, self.hidden, self.dropout = head, hidden, dropout
         self.ambiguity_weight, self.bn_adapt = ambiguity_weight, bn_adapt
