@@ -60,18 +60,6 @@ def _first_run(tmp: Path) -> dict:
             "first_run_epochs": summary["epochs"]}
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; figures differ between machines of one "2-core
-    x86" class by up to 1.5×), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats and epochs")
@@ -100,7 +88,9 @@ def main() -> None:
                     "sweep_speedup_whole": sweep["sweep_speedup_whole"],
                     "batched_speedup": sweep["batched_speedup"],
                     "precomputed_time_reduction_pct": sweep["time_reduction_pct"]})
-    figures["cpu"] = cpu_model()
+    from effbench.summary import cpu_model  # the model name a run's summary records
+
+    figures["cpu"] = cpu_model() or platform.machine()
     figures["load_avg_start"] = round(load_start, 2)
     figures["load_avg_end"] = round(os.getloadavg()[0], 2)
     rows = [("effbench --help, whole process", f"{figures['help_s']:.2f} s", "<= 1 s"),
