@@ -137,12 +137,14 @@ def test_head_trains_with_the_threads_it_records(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(technique, "train_head", spy)
     before = torch.get_num_threads()
-    summary = run_job(tmp_path, [*PRE, "hardware.cpu_threads=2",
-                                 f"strategy.precomputed.head_threads={setting}"])
+    try:  # the run sets this process's threads (hardware.cpu_threads=2): give them back
+        summary = run_job(tmp_path, [*PRE, "hardware.cpu_threads=2",
+                                     f"strategy.precomputed.head_threads={setting}"])
+    finally:
+        torch.set_num_threads(before)
     assert summary["status"] == "completed", summary["error"]
     assert seen == [threads]
     assert summary["strategy"]["precomputed"]["head_threads"] == threads
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(("override", "named"), [
