@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,32 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     monkeypatch.setenv("EFFBENCH_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    _forget_mlflow_stores()
+
+
+def _forget_mlflow_stores() -> None:
+    """A passed test's tmp_path is removed (``tmp_path_retention_policy``), so the next test of
+    the same name prefix gets the *same* path back. MLflow caches one store (an SQLAlchemy engine
+    with pooled connections) per tracking URI for the life of the process; a second in-process
+    client of ``sqlite:///<that path>`` then talks to the deleted file ("attempt to write a
+    readonly database"). Each test starts with no cached store."""
+    import sys
+
+    registry = sys.modules.get("mlflow.tracking._tracking_service.registry")
+    cached = getattr(getattr(registry, "TrackingStoreRegistry", None),
+                     "_get_store_with_resolved_uri", None)
+    if cached is not None and hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+    store = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")
+    engines = getattr(getattr(store, "SqlAlchemyStore", None), "_engine_map", None)
+    if isinstance(engines, dict):  # and one engine per URI, shared by every store of that URI
+        for engine in engines.values():
+            engine.dispose()
+        engines.clear()
 
 
 def compose_cfg(overrides: list[str] | None = None):

@@ -96,7 +96,8 @@ def test_finish_loggers_attaches_the_summary_and_closes_the_run(tmp_path: Path,
 
     from effbench.loggers import finish_loggers, sqlite_url
 
-    uri = sqlite_url(str(tmp_path / "store" / "mlflow.db"))  # its folder is created
+    # A store of its own per case (conftest._forget_mlflow_stores says why the path matters).
+    uri = sqlite_url(str(tmp_path / status / "store" / "mlflow.db"))  # its folder is created
     tracker = MLFlowLogger(experiment_name="t", tracking_uri=uri,
                            artifact_location=str(tmp_path / "artifacts"))
     tracker.log_metrics({"val/acc": 0.5}, step=0)
