@@ -160,3 +160,18 @@ def test_bad_probe_values_are_one_sentence_with_the_fix(tmp_path: Path, override
     res = run_cli([*TINY, "strategy=precomputed", "backbone=small_cnn", override], cwd=tmp_path)
     line = one_error_line(res)
     assert named in line and "such as strategy.precomputed." in line
+
+
+def test_a_run_without_probes_does_not_import_their_estimators() -> None:
+    """Probes are off by default: their scikit-learn estimators (0.3–0.4 s of imports) are
+    imported where a probe is fitted, not by every precomputed run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, effbench.techniques.precomputed.technique; "
+            "print(sorted(m for m in ('sklearn.neighbors', 'sklearn.linear_model') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -38,12 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import ListConfig
-from sklearn.dummy import DummyClassifier
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from effbench.errors import EffbenchError
 from effbench.metrics import build_metrics, split_scalars
@@ -133,6 +127,11 @@ def _columns(probas: np.ndarray | list[np.ndarray], classes: Any, num_classes: i
 
 def fit_knn(x: np.ndarray, y: np.ndarray, num_classes: int, multilabel: bool,
             options: ProbeOptions) -> Fitted:
+    # scikit-learn's estimators are imported where a probe is fitted: probes are off by default,
+    # and sklearn.neighbors and linear_model cost 0.3–0.4 s of every precomputed run's set-up
+    # otherwise (measured on the 2-core EPYC), the first job of a sweep included.
+    from sklearn.neighbors import KNeighborsClassifier
+
     # k above the training set's size would be an error in sklearn; all neighbours vote then.
     k = min(options.knn_k, len(x))
     model = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance",
@@ -145,6 +144,12 @@ def fit_knn(x: np.ndarray, y: np.ndarray, num_classes: int, multilabel: bool,
 
 def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, multilabel: bool,
                options: ProbeOptions) -> Fitted:
+    from sklearn.dummy import DummyClassifier  # here, not at the top: see fit_knn
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     def model() -> Any:
         return make_pipeline(StandardScaler(), LogisticRegression(
             C=options.logreg_c, max_iter=options.logreg_max_iter, solver="lbfgs"))
