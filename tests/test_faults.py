@@ -130,7 +130,7 @@ def test_kill_9_then_continue_matches_uninterrupted(moment: str, reference: dict
 @pytest.mark.slow
 def test_kill_during_feature_extraction_then_rerun_matches(tmp_path: Path) -> None:
     args = ["strategy=precomputed", "backbone=resnet18", "backbone.weights=null",
-            "dataset.image_size=64", "trainer.max_epochs=3", *QUICK]
+            "dataset.image_size=64", "dataset.max_samples=400", "trainer.max_epochs=3", *QUICK]
     cache = tmp_path / "cache"
     proc = _start(args, tmp_path / "killed", env={"EFFBENCH_CACHE_DIR": str(cache)})
 

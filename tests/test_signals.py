@@ -158,6 +158,10 @@ def test_failed_job_of_a_submitit_sweep_fails_as_a_job(tmp_path: Path) -> None:
     assert res.returncode == 1, res.stderr[-3000:]
     assert "Traceback" not in res.stdout + res.stderr, res.stderr[-3000:]
     assert "1 job(s) of the sweep" in res.stderr
+    # The sweep names the failed job and why (this test also stands for the failed-job case of
+    # tests/test_scaleout.py: one submitit sweep of two fresh job processes, not two sweeps).
+    assert "failed job 1_" in res.stderr, res.stderr[-3000:]
+    assert "injected failure of the job with seed 1" in res.stderr, res.stderr[-3000:]
     statuses = sorted(_summary(d)["status"] for d in sweep.iterdir() if d.is_dir())
     assert statuses == ["completed", "failed"]
     outcomes = {}
