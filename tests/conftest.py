@@ -129,7 +129,10 @@ SHRINK_STRATEGY = {"dynamic": ["strategy.dynamic.alpha=0.5"],
                    "prune": ["strategy.prune.start=0", "strategy.prune.end=1"],
                    # one epoch: a later unfreezing epoch could never take effect (refused)
                    "freeze": ["strategy.freeze.unfreeze_at_epochs=[]",
-                              "strategy.freeze.unfreeze_lr=null"]}
+                              "strategy.freeze.unfreeze_lr=null"],
+                   # latency fp32 vs int8 measured for 0.1 s each, not the default 1 s
+                   "qat": ["strategy.qat.latency_min_time=0.1"],
+                   "ptq": ["strategy.ptq.latency_min_time=0.1"]}
 
 
 def not_honoured(strategy: str) -> set[str]:
