@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,20 +15,20 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, run_cli
-from tests.helpers.cli import run_compare
+from tests.helpers.cli import Started, run_compare, start_cli
 from tests.helpers.tiny import QUIET
 
 QUICK = QUIET
 
 
-def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "effbench.cli", *args], cwd=cwd,
-                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+def _start(args: list[str], cwd: Path, env: dict | None = None,
+           fresh: bool = False) -> Started | subprocess.Popen:
+    """The job in a process group of its own, forked from the test zygote (``fresh``: as a
+    fresh interpreter, the console script's own start-up; the kill mid-training is)."""
+    return start_cli(args, cwd, env=env, fresh=fresh)
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> bool:
+def _kill_when(proc: Started | subprocess.Popen, ready, timeout: float = 300) -> bool:
     """kill -9 the job once ``ready()`` holds; False if it finished first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -37,7 +36,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> bool:
             return False
         if ready():
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            proc.communicate()
             return True
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -100,7 +99,8 @@ def test_kill_9_then_continue_matches_uninterrupted(moment: str, reference: dict
            "EFFBENCH_FAULT_PAUSE_TEST": str(marker)}
     ready = {"setup": (run_dir / "summary.json").is_file, "training": _epochs_saved(last),
              "testing": marker.is_file}[moment]
-    proc = _start([*ARGS, f"hydra.run.dir={run_dir}"], tmp_path, env=env)
+    proc = _start([*ARGS, f"hydra.run.dir={run_dir}"], tmp_path, env=env,
+                  fresh=moment == "training")
     assert _kill_when(proc, ready), "finished before it could be killed"
     left = _summary(run_dir)
     assert left["status"] == "running"
@@ -204,19 +204,15 @@ def test_failed_writes_one_sentence_no_temp_files(fault: str, tmp_path: Path) ->
     """A checkpoint that cannot be written (a full disk, a folder gone read-only, a file-size
     limit): the run fails in one sentence naming the file, no traceback, no temp file left."""
     run_dir = tmp_path / "run"
-    env = dict(os.environ)
-    limit = None
+    env, fsize = {}, None
     if fault == "file-size limit":  # the kernel refuses writes past 4 MB (EFBIG): a real write
-        import resource
-
-        def limit() -> None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+        fsize = 4 << 20
     else:
         env.update(PYTHONPATH=f"{Path(__file__).parent / 'faults'}{os.pathsep}"
-                              f"{env.get('PYTHONPATH', '')}", EFFBENCH_FAULT_WRITE=fault)
-    res = subprocess.run([sys.executable, "-m", "effbench.cli", *TINY,
-                          f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, text=True,
-                         capture_output=True, timeout=600, preexec_fn=limit)
+                              f"{os.environ.get('PYTHONPATH', '')}", EFFBENCH_FAULT_WRITE=fault)
+    proc = start_cli([*TINY, f"hydra.run.dir={run_dir}"], tmp_path, env=env, fsize=fsize)
+    out, err = proc.communicate(timeout=600)
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     line = _one_sentence(res, "cannot write", "checkpoints", "hydra.run.dir=")
     assert res.returncode == 1, line
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"

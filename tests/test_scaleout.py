@@ -169,27 +169,10 @@ def test_quiet_third_party_silences_chatter_not_warnings(caplog: pytest.LogCaptu
 
 # -- 2. submitit sweeps ----------------------------------------------------------------------------
 
-def _sweep_dirs(cwd: Path) -> list[Path]:
-    return sorted(p for p in (cwd / "outputs" / "multirun").iterdir()
-                  if p.is_dir() and not p.name.endswith(".submitit"))
-
-
-@pytest.mark.slow
-def test_submitit_local_sweep_writes_two_completed_runs(tmp_path: Path) -> None:
-    # logger=mlflow too: jobs starting together share one new SQLite store (no creation race)
-    res = run_cli(["-m", "hydra/launcher=local", "seed=0,1", "logger=mlflow", *TINY], cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    [sweep] = _sweep_dirs(tmp_path)
-    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [p.name.split("_")[0] for p in runs] == ["0", "1"]
-    done = [json.loads((p / "summary.json").read_text()) for p in runs]
-    assert [s["status"] for s in done] == ["completed", "completed"]
-    assert sorted(s["choices"]["seed"] for s in done) == [0, 1]
-    # submitit's pickles and logs sit beside the sweep dir, not among its run dirs
-    assert list(Path(f"{sweep}.submitit").rglob("*_log.out"))
-    client = _mlflow_client(tmp_path)
-    runs = client.search_runs([client.get_experiment_by_name("effbench").experiment_id])
-    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+# A submitit sweep of two jobs (run dirs, submitit's files beside them, one MLflow store shared
+# by jobs starting together): tests/test_signals.py's
+# test_failed_job_of_a_submitit_sweep_fails_as_a_job, whose sweep also has a failing job (one
+# sweep of fresh job processes, not two).
 
 
 # A stand-in for SLURM's commands: `sbatch` runs each task of the array here with SLURM's
@@ -239,23 +222,9 @@ def _fake_slurm(tmp_path: Path) -> dict[str, str]:
             "FAKE_SLURM_DIR": str(tmp_path / "slurm_state")}
 
 
-@pytest.mark.slow
-def test_slurm_preset_submits_an_array_with_its_resources(tmp_path: Path) -> None:
-    env = _fake_slurm(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "effbench.cli", "-m", "hydra/launcher=slurm",
-                          "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=null",
-                          "hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=4",
-                          "hydra.launcher.timeout_min=30", "seed=0,1", *TINY],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    script = (tmp_path / "slurm_state" / "sbatch.sh").read_text()
-    for flag in ("--array=0-1%2", "--partition=gpu", "--cpus-per-task=2", "--mem=4GB",
-                 "--time=30", "--nodes=1", "--ntasks-per-node=1", "--job-name=effbench"):
-        assert f"#SBATCH {flag}\n" in script, script
-    assert "submitit.core._submit" in script
-    [sweep] = _sweep_dirs(tmp_path)
-    done = summaries(sweep)
-    assert [s["status"] for s in done] == ["completed", "completed"]
+# The slurm preset's array and resources (#SBATCH flags, submitit's job script, the jobs' runs):
+# tests/test_signals.py::test_failed_job_of_a_slurm_sweep_is_failed_for_slurm, whose sweep of
+# the same preset also has a failing job (one array of fresh job processes, not two).
 
 
 # -- 3. a shared, persistent Optuna study ----------------------------------------------------------

@@ -12,13 +12,13 @@ import pickle
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import TINY, run_cli
+from tests.helpers.cli import Started, start_cli
 
 # 32 px: epochs long enough to be caught between checkpoints (digits default to their 8 px).
 ARGS = ["trainer.max_epochs=4", "optim.early_stopping=null", "dataset.max_samples=400",
@@ -28,11 +28,11 @@ ARGS = ["trainer.max_epochs=4", "optim.early_stopping=null", "dataset.max_sample
 FAULTS = Path(__file__).parent / "faults"  # sitecustomize: pause before testing
 
 
-def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "effbench.cli", *args], cwd=cwd,
-                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+def _start(args: list[str], cwd: Path, env: dict | None = None,
+           fresh: bool = False) -> Started | subprocess.Popen:
+    """The job in a process group of its own, forked from the test zygote (``fresh``: as a
+    fresh interpreter, the console script's own start-up; the first test below is)."""
+    return start_cli(args, cwd, env=env, fresh=fresh)
 
 
 def _signal_when(proc: subprocess.Popen, ready, signum: int,
@@ -67,7 +67,7 @@ def _summary(run_dir: Path) -> dict:
 def test_sigterm_mid_training_interrupted_summary_then_resume_command(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    proc = _start([*ARGS, f"hydra.run.dir={run_dir}"], tmp_path)
+    proc = _start([*ARGS, f"hydra.run.dir={run_dir}"], tmp_path, fresh=True)
     code, err = _signal_when(proc, last.is_file, signal.SIGTERM)
     assert code == 143
     line = _one_line(err)
@@ -149,28 +149,39 @@ def test_sigterm_during_testing_interrupted_with_final_checkpoint(tmp_path: Path
 def test_failed_job_of_a_submitit_sweep_fails_as_a_job(tmp_path: Path) -> None:
     """hydra/launcher=local (submitit): the job whose run fails is a failed submitit job (its
     result is an error, its process exits non-zero, as sacct would record it), the other job of
-    the sweep still completes, and the sweep says which failed and exits 1."""
+    the sweep still completes, and the sweep says which failed and exits 1. (This test also
+    stands for tests/test_scaleout.py's submitit sweep: one sweep of two fresh job processes,
+    not two sweeps; logger=mlflow: jobs starting together share one new SQLite store.)"""
+    from tests.test_scaleout import _mlflow_client
+
     sweep = tmp_path / "sweep"
     env = {"PYTHONPATH": f"{FAULTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "EFFBENCH_FAULT_FAIL_SEED": "1"}
-    res = run_cli(["-m", "hydra/launcher=local", *TINY, f"hydra.sweep.dir={sweep}", "seed=0,1"],
-                  cwd=tmp_path, env=env)
+    res = run_cli(["-m", "hydra/launcher=local", "logger=mlflow", *TINY,
+                   f"hydra.sweep.dir={sweep}", "seed=0,1"], cwd=tmp_path, env=env)
     assert res.returncode == 1, res.stderr[-3000:]
     assert "Traceback" not in res.stdout + res.stderr, res.stderr[-3000:]
     assert "1 job(s) of the sweep" in res.stderr
-    # The sweep names the failed job and why (this test also stands for the failed-job case of
-    # tests/test_scaleout.py: one submitit sweep of two fresh job processes, not two sweeps).
+    # The sweep names the failed job and why.
     assert "failed job 1_" in res.stderr, res.stderr[-3000:]
     assert "injected failure of the job with seed 1" in res.stderr, res.stderr[-3000:]
-    statuses = sorted(_summary(d)["status"] for d in sweep.iterdir() if d.is_dir())
-    assert statuses == ["completed", "failed"]
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name.split("_")[0] for p in runs] == ["0", "1"]
+    done = [_summary(d) for d in runs]
+    assert [s["status"] for s in done] == ["completed", "failed"]
+    assert sorted(s["choices"]["seed"] for s in done) == [0, 1]
     outcomes = {}
+    # submitit's pickles and logs sit beside the sweep dir, not among its run dirs
     for result in Path(f"{sweep}.submitit").rglob("*_result.pkl"):
         outcome, _ = pickle.loads(result.read_bytes())
         logs = "".join(p.read_text() for p in result.parent.glob("*_log.*"))
         outcomes[outcome] = "Job completed successfully" in logs
     # The failed job is an error for submitit and never logs success; the other one does.
     assert outcomes == {"error": False, "success": True}, outcomes
+    client = _mlflow_client(tmp_path)
+    tracked = client.search_runs([client.get_experiment_by_name("effbench").experiment_id])
+    assert sorted((r.data.params["seed"], r.info.status) for r in tracked) == [
+        ("0", "FINISHED"), ("1", "FAILED")]
 
 
 @pytest.mark.slow
@@ -204,16 +215,26 @@ def test_sigterm_under_slurm_with_requeue_requeues_then_resumes(tmp_path: Path) 
 @pytest.mark.slow
 def test_failed_job_of_a_slurm_sweep_is_failed_for_slurm(tmp_path: Path) -> None:
     """hydra/launcher=slurm (tests/test_scaleout.py's stand-in sbatch/srun/sacct: a task's state
-    is its job script's exit status): the failed job is FAILED, the other COMPLETED."""
-    from tests.test_scaleout import _fake_slurm
+    is its job script's exit status): the preset submits one array with its resources, the
+    failed job is FAILED, the other COMPLETED. (This test also stands for test_scaleout's slurm
+    preset case: one array of two fresh job processes, not two.)"""
+    from tests.test_scaleout import _fake_slurm, summaries
 
     env = {**_fake_slurm(tmp_path), "EFFBENCH_FAULT_FAIL_SEED": "1",
            "PYTHONPATH": f"{FAULTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    res = subprocess.run([sys.executable, "-m", "effbench.cli", "-m", "hydra/launcher=slurm",
-                          "hydra.launcher.gpus_per_node=null", "seed=0,1", *TINY],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = run_cli(["-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                   "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=2",
+                   "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=30", "seed=0,1",
+                   *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env=env)
     assert res.returncode == 1, res.stderr[-3000:]
     assert "Traceback" not in res.stdout + res.stderr, res.stderr[-3000:]
+    script = (tmp_path / "slurm_state" / "sbatch.sh").read_text()
+    for flag in ("--array=0-1%2", "--partition=gpu", "--cpus-per-task=2", "--mem=4GB",
+                 "--time=30", "--nodes=1", "--ntasks-per-node=1", "--job-name=effbench"):
+        assert f"#SBATCH {flag}\n" in script, script
+    assert "submitit.core._submit" in script
+    assert sorted(s["status"] for s in summaries(tmp_path / "sweep")) == ["completed", "failed"]
+
     def states() -> list[str]:
         return sorted(p.read_text().split("|")[1].strip()
                       for p in (tmp_path / "slurm_state").glob("task_*"))

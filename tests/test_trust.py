@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import run_cli
+from tests.helpers.cli import start_cli
 from tests.helpers.tiny import QUIET, tiny
 
 QUICK = QUIET
@@ -118,9 +117,7 @@ def test_option_a_strategy_does_not_have_is_refused(tmp_path: Path) -> None:
 # -- 3. two sweeps at the same instant ------------------------------------------------------
 
 def test_two_sweeps_started_together_keep_all_jobs(tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "effbench.cli", "-m", *TINY, "seed=0,1"]
-    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [start_cli(["-m", *TINY, "seed=0,1"], tmp_path) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:]
     sweeps = [d for d in (tmp_path / "outputs" / "multirun").iterdir() if d.is_dir()]

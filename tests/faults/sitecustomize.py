@@ -16,6 +16,7 @@ start-up). Nothing here is part of effbench.
 from __future__ import annotations
 
 import os
+import sys
 
 
 def _pause_before_test(marker: str) -> None:
@@ -78,8 +79,13 @@ def _pause_after_running(marker: str) -> None:
             open(marker, "w").close()
             time.sleep(120)
 
-    # effbench.run binds the name when it is imported, after this.
+    # effbench.run binds the name when it is imported, after this in a fresh interpreter; in a
+    # test zygote's child (tests/helpers/zygote_server.py) it is imported already: rebind it
+    # wherever it was bound.
     effbench.summary.write_json_atomic = write_json_atomic
+    for module in list(sys.modules.values()):
+        if getattr(module, "write_json_atomic", None) is real:
+            module.write_json_atomic = write_json_atomic
 
 
 if os.environ.get("EFFBENCH_FAULT_PAUSE_TEST"):

@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import json
 import os
+import resource
 import select
 import signal
 import sys
@@ -50,6 +51,9 @@ def _child(req: dict) -> None:
         os.chdir(req["cwd"])
         if req.get("umask") is not None:
             os.umask(req["umask"])
+        if req.get("fsize") is not None:  # the kernel refuses writes past it (EFBIG)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (req["fsize"], req["fsize"]))
+        _start_up(req["env"].get("PYTHONPATH", ""))
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -82,6 +86,22 @@ def _child(req: dict) -> None:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _start_up(pythonpath: str) -> None:
+    """What an interpreter's start-up does with a ``PYTHONPATH`` the zygote did not start with:
+    its folders go on ``sys.path``, and a ``sitecustomize`` among them runs (a test's fault
+    injector, tests/faults/)."""
+    new = [p for p in pythonpath.split(os.pathsep) if p and p not in sys.path]
+    sys.path[:0] = new
+    for folder in new:
+        path = os.path.join(folder, "sitecustomize.py")
+        if os.path.isfile(path):
+            spec = importlib.util.spec_from_file_location("sitecustomize", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["sitecustomize"] = module
+            spec.loader.exec_module(module)
+            return
 
 
 def _kill(pid: int) -> None:
