@@ -123,6 +123,7 @@ def test_conv_bn_rewrites_only_for_present_convolutions_same_int8_model(
     real = qat_utils._get_aten_graph_module_for_pattern
     monkeypatch.setattr(qat_utils, "_get_aten_graph_module_for_pattern",
                         lambda *a, **k: exports.append(1) or real(*a, **k))
+    monkeypatch.setattr(patterns, "PATTERN_MODULES", ())  # every export made, none remembered
     x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
     def int8_model() -> tuple[torch.fx.GraphModule, int]:
@@ -145,3 +146,47 @@ def test_conv_bn_rewrites_only_for_present_convolutions_same_int8_model(
     with torch.no_grad():
         assert torch.equal(skipped(x), full(x))
     assert 0 < skipped_exports * 3 <= full_exports
+
+
+def test_pattern_exports_are_made_once_per_process_same_int8_model(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchao exports every rewrite's patterns on each call (Conv-BN fusion and folding, the
+    train/eval switch of an exported model); effbench remembers them for the process
+    (qat/patterns.py): a second QAT model makes no pattern export, and its fake-quant outputs and
+    int8 model are the very ones the first made from its own exports."""
+    from torchao.quantization.pt2e import qat_utils
+    from torchao.quantization.pt2e import utils as pt2e_utils
+
+    from effbench.techniques.qat import patterns
+
+    monkeypatch.setattr(patterns, "_exported", {})
+    exports: list[int] = []
+    for module in (qat_utils, pt2e_utils):  # count what reaches torchao's own helper
+        real = module._get_aten_graph_module_for_pattern
+        monkeypatch.setattr(module, "_get_aten_graph_module_for_pattern",
+                            lambda *a, _real=real, **k: exports.append(1) or _real(*a, **k))
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def int8_model() -> tuple[torch.fx.GraphModule, torch.Tensor, int]:
+        torch.manual_seed(0)
+        before = len(exports)
+        model = prepare_qat(ConvBNNet(), x[:4], "conv")
+        model(x)  # a training-mode pass: BN statistics and observer ranges see data
+        model.train()
+        training = model.code
+        model.eval()  # the switch still rewrites the graph (BatchNorm in eval)
+        assert model.code != training
+        with torch.no_grad():
+            fake_quant = model(x)
+        return convert_int8(model), fake_quant, len(exports) - before
+
+    first, first_fq, first_exports = int8_model()  # nothing remembered yet: every export made
+    second, second_fq, second_exports = int8_model()
+    assert first_exports > 0 and second_exports == 0
+    assert first.code == second.code
+    assert first.state_dict().keys() == second.state_dict().keys()
+    assert all(torch.equal(u, v) for u, v in zip(first.state_dict().values(),
+                                                 second.state_dict().values()))
+    assert torch.equal(first_fq, second_fq)
+    with torch.no_grad():
+        assert torch.equal(first(x), second(x))

@@ -39,7 +39,11 @@ from effbench.model.saved import SavedModel, int8_graph_model
 from effbench.summary import state_dict_bytes
 from effbench.task import is_multilabel
 from effbench.technique import Technique, Train, register
-from effbench.techniques.qat.patterns import present_convolutions_only
+from effbench.techniques.qat.patterns import (
+    present_convolutions_only,
+    remembered_pattern_exports,
+    remembering_train_eval,
+)
 
 if TYPE_CHECKING:
     from effbench.context import RunContext
@@ -61,10 +65,11 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, scope: str) -> torch.fx
     # quantization partitions, not one with two outputs (which the x86 quantizer rejects).
     graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},),
                                 strict=True).module()
-    with present_convolutions_only():  # Conv-BN fusion patterns only for convolutions it has
+    # Conv-BN fusion patterns only for convolutions it has, each exported once per process.
+    with present_convolutions_only(), remembered_pattern_exports():
         prepared = prepare_qat_pt2e(graph, x86_quantizer(scope, fake_quant=True))
     allow_exported_model_train_eval(prepared)  # Lightning's .train()/.eval() switch BN & dropout
-    return prepared
+    return remembering_train_eval(prepared)
 
 
 def convert_int8(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -73,8 +78,9 @@ def convert_int8(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     model = copy.deepcopy(prepared)
-    move_exported_model_to_eval(model)
-    with present_convolutions_only():  # BN folding patterns only for convolutions it has
+    # BN folding patterns only for convolutions it has; every pattern exported once per process.
+    with present_convolutions_only(), remembered_pattern_exports():
+        move_exported_model_to_eval(model)
         return drop_unused_tensors(convert_pt2e(model))
 
 
