@@ -27,6 +27,13 @@ import threading
 import traceback
 
 PRELOAD = ("effbench.cli", "effbench.run", "effbench.compare.cli", "effbench.eval_cli")
+# What the commands import later, on first use: every child imported it again (0.3–0.4 s of a
+# tiny run's 0.85 s in its child, 2026-12-04). Imported here once: every effbench module
+# (techniques, datasets, backbones, compare), the loggers' and trackers' libraries (then also
+# torchao, timm, torchvision's transforms through effbench's own), and Hydra's plugin scan. None
+# of it starts a thread (tests/test_cli.py checks that the zygote holds one when it forks).
+WARM = ("tensorboard.summary", "safetensors.torch", "tabulate", "mlflow", "sklearn.neighbors",
+        "sklearn.linear_model", "sklearn.pipeline", "sklearn.preprocessing")
 
 
 def _child(req: dict) -> None:
@@ -132,9 +139,28 @@ def _reply(obj: dict) -> None:
     sys.__stdout__.flush()
 
 
+def _warm() -> None:
+    """Import what the commands would import on first use (WARM); a module that cannot be
+    imported here is left to the command, which then reports it as it would have."""
+    import pkgutil
+
+    import effbench
+
+    names = [info.name for info in pkgutil.walk_packages(effbench.__path__, "effbench.")]
+    for name in [*names, *WARM]:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001, S112 - the command meets it again, in its own process
+            continue
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # Hydra scans hydra_plugins once per process
+
+
 def serve() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
+    _warm()
     # What the client's environment is for (tests/helpers/cli.py ZYGOTE_ENV): one thread here.
     threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
     _reply({"ready": True, "threads": threads})
