@@ -129,15 +129,21 @@ def test_kill_9_then_continue_matches_uninterrupted(moment: str, reference: dict
 
 @pytest.mark.slow
 def test_kill_during_feature_extraction_then_rerun_matches(tmp_path: Path) -> None:
+    """kill -9 after the BN statistics and the first split's features are cached, before the
+    other splits are extracted (tests/faults: the job waits there): the cache keeps whole entries
+    only, and the same command again completes with an uninterrupted run's numbers."""
     args = ["strategy=precomputed", "backbone=resnet18", "backbone.weights=null",
-            "dataset.image_size=64", "dataset.max_samples=400", "trainer.max_epochs=3", *QUICK]
+            "dataset.image_size=32", "dataset.max_samples=400", "trainer.max_epochs=3", *QUICK]
     cache = tmp_path / "cache"
-    proc = _start(args, tmp_path / "killed", env={"EFFBENCH_CACHE_DIR": str(cache)})
-
-    def some_features_cached() -> bool:
-        return cache.is_dir() and any(p.suffix == ".pt" for p in cache.rglob("*"))
-
-    assert _kill_when(proc, some_features_cached), "finished before it could be killed"
+    marker = tmp_path / "extracting"
+    env = {"EFFBENCH_CACHE_DIR": str(cache), "EFFBENCH_FAULT_PAUSE_EXTRACT": str(marker),
+           "PYTHONPATH": f"{Path(__file__).parent / 'faults'}{os.pathsep}"
+                         f"{os.environ.get('PYTHONPATH', '')}"}
+    proc = _start(args, tmp_path / "killed", env=env)
+    assert _kill_when(proc, marker.is_file), "finished before it could be killed"
+    # The BN entry and one split's features, each whole; the other splits never started.
+    assert len(list((cache / "features").glob("*.pt"))) == 2
+    assert not list((cache / "features").glob("*.tmp"))
     rerun = run_cli(args, cwd=tmp_path / "killed", env={"EFFBENCH_CACHE_DIR": str(cache)})
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     fresh = run_cli(args, cwd=tmp_path / "fresh",

@@ -11,6 +11,9 @@ start-up). Nothing here is part of effbench.
   the file, as a real failed write does.
 - ``EFFBENCH_FAULT_PAUSE_RUNNING=<file>``: right after the ``running`` summary is written, create
   ``<file>`` and wait, so the test can signal the job the moment its summary appears.
+- ``EFFBENCH_FAULT_PAUSE_EXTRACT=<file>``: right after ``precomputed`` stores the features of its
+  first split, create ``<file>`` and wait, so the test can kill the job *during feature
+  extraction* (the other splits not yet extracted).
 """
 
 from __future__ import annotations
@@ -88,6 +91,23 @@ def _pause_after_running(marker: str) -> None:
             module.write_json_atomic = write_json_atomic
 
 
+def _pause_after_first_split(marker: str) -> None:
+    import time
+
+    from effbench.techniques.precomputed.cache import FeatureCache
+
+    real = FeatureCache.store
+
+    def store(self, key, payload):  # noqa: ANN001, ANN202
+        path = real(self, key, payload)
+        if "features" in payload:  # a split's features, not the BN statistics
+            open(marker, "w").close()
+            time.sleep(120)
+        return path
+
+    FeatureCache.store = store
+
+
 if os.environ.get("EFFBENCH_FAULT_PAUSE_TEST"):
     _pause_before_test(os.environ["EFFBENCH_FAULT_PAUSE_TEST"])
 if os.environ.get("EFFBENCH_FAULT_FAIL_SEED"):
@@ -96,3 +116,5 @@ if os.environ.get("EFFBENCH_FAULT_WRITE"):
     _failing_writes(os.environ["EFFBENCH_FAULT_WRITE"])
 if os.environ.get("EFFBENCH_FAULT_PAUSE_RUNNING"):
     _pause_after_running(os.environ["EFFBENCH_FAULT_PAUSE_RUNNING"])
+if os.environ.get("EFFBENCH_FAULT_PAUSE_EXTRACT"):
+    _pause_after_first_split(os.environ["EFFBENCH_FAULT_PAUSE_EXTRACT"])
