@@ -1,8 +1,8 @@
 """Every CPU figure of the README from one command: start-up (``--help``, ``--cfg job``), the first
 run a newcomer makes (the default experiment, whole process), Lightning's overhead against a
-plain loop, the cached-feature sweep against fine-tuning, and each dataset format's data paths.
-Each benchmark runs as its own process, one after the other; its last line (one JSON object) is
-collected.
+plain loop (first, while the machine is quietest; in wall and in CPU time), the cached-feature
+sweep against fine-tuning, and each dataset format's data paths. Each benchmark runs as its own
+process, one after the other; its last line (one JSON object) is collected.
 
     .venv/bin/python scripts/bench_all.py            # about 10 minutes on a quiet 2-core CPU
     .venv/bin/python scripts/bench_all.py --quick    # fewer repeats and epochs (a smoke run)
@@ -67,15 +67,17 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     repeats = 1 if args.quick else 3
     figures: dict = {}
+    py = sys.executable
+    # First, while the machine is as quiet as it will be: the other benchmarks leave load behind
+    # (1.8 after the sweep), which stretched this one's wall minima by +15 %. Five repeats: on a
+    # shared VM one method's repeats spread ±15 %, three say little.
+    overhead = _last_json([py, "scripts/bench_overhead.py", "--epochs", "2" if args.quick else "5",
+                           "--repeats", "1" if args.quick else "5"])
     with tempfile.TemporaryDirectory() as tmp:
         cli = [str(BIN / "effbench")]
         figures["help_s"] = round(_timed([*cli, "--help"], Path(tmp), repeats), 2)
         figures["cfg_job_s"] = round(_timed([*cli, "--cfg", "job"], Path(tmp), repeats), 2)
         figures.update(_first_run(Path(tmp)))
-    py = sys.executable
-    # Five repeats: on a shared VM one method's repeats spread ±15 %, three say little.
-    overhead = _last_json([py, "scripts/bench_overhead.py", "--epochs", "2" if args.quick else "5",
-                           "--repeats", "1" if args.quick else "5"])
     sweep = _last_json([py, "scripts/bench_precomputed.py", *(
         ["--epochs", "3", "--k", "3", "--sweep-epochs", "3"] if args.quick else [])])
     paths = _last_json([py, "scripts/bench_data_paths.py", *(
@@ -87,6 +89,9 @@ def main() -> None:
                     "overhead_min_pct": overhead["overhead_min_pct"],
                     "overhead_paired_pct": overhead["overhead_paired_pct"],
                     "overhead_as_run_pct": overhead["overhead_as_run_pct"],
+                    "overhead_cpu_pct": overhead["overhead_cpu_pct"],
+                    "overhead_cpu_min_pct": overhead["overhead_cpu_min_pct"],
+                    "overhead_threads": overhead["threads"],
                     "sweep_speedup": sweep["sweep_speedup"],
                     "sweep_speedup_whole": sweep["sweep_speedup_whole"],
                     "batched_speedup": sweep["batched_speedup"],
@@ -104,6 +109,9 @@ def main() -> None:
              f"medians, {figures['overhead_min_pct']:+.1f} % of the minima (per repeat "
              f"{figures['overhead_paired_pct'][0]:+.1f} … {figures['overhead_paired_pct'][1]:+.1f}"
              " %)", "<= 5 %"),
+            (f"  in CPU time ({figures['overhead_threads']} threads)",
+             f"{figures['overhead_cpu_pct']:+.1f} % of the medians, "
+             f"{figures['overhead_cpu_min_pct']:+.1f} % of the minima", "<= 5 %"),
             ("  as a run (checkpoints, loggers)", f"{figures['overhead_as_run_pct']:+.1f} %", ""),
             ("cached-feature sweep vs fine-tuning", f"{figures['sweep_speedup']:.1f}x", ">= 50x"),
             ("  whole `effbench -m` processes", f"{figures['sweep_speedup_whole']:.1f}x", ""),
