@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,27 @@ def _one_repository_for_help() -> None:
     Hydra.format_config_groups = format_config_groups
 
 
+@contextmanager
+def _mode_from_preflight() -> Iterator[None]:
+    """Hydra composes the whole config a second time only to read ``hydra.mode``
+    (``Hydra.get_mode``); preflight has composed the same overrides, so its value answers. Only
+    when preflight composed (not for ``--help``, ``--info`` and the other flags it leaves to
+    Hydra)."""
+    from hydra._internal.hydra import Hydra
+
+    from effbench.preflight import COMPOSED
+
+    if "mode" not in COMPOSED:
+        yield
+        return
+    plain = Hydra.get_mode
+    Hydra.get_mode = lambda self, config_name, overrides: COMPOSED["mode"]
+    try:
+        yield
+    finally:
+        Hydra.get_mode = plain
+
+
 def main() -> None:
     """``effbench``: the command, then an exit that skips the interpreter's slow teardown."""
     from effbench.lifecycle import exit_now
@@ -120,7 +143,8 @@ def _main() -> None:
         print(f"effbench: error: {problem}", file=sys.stderr)
         sys.exit(1)
     try:
-        _app()
+        with _mode_from_preflight():
+            _app()
     except KeyboardInterrupt:  # Ctrl-C before a run started (a run records its own)
         print("effbench: interrupted by SIGINT before the run started.", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)

@@ -16,6 +16,12 @@ import difflib
 import os
 import re
 from pathlib import Path
+from typing import Any
+
+# ``hydra.mode`` of the command's first composed job, once preflight has composed it (the key
+# absent: not composed). Hydra composes the whole config once more only to read this value
+# (``Hydra.get_mode``, ~0.2 s of a 0.5-s command); the CLI answers it from here instead.
+COMPOSED: dict[str, Any] = {}
 
 
 def _one_line(text: str) -> str:
@@ -125,6 +131,7 @@ def _compose_problem(overrides: list[str], conf_dir: str, checks: bool,
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
             cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        COMPOSED.setdefault("mode", cfg.hydra.mode)
         if not checks:
             return None
         run_dir = str(cfg.hydra.run.dir if run_dir_key == "run" else cfg.hydra.sweep.dir)

@@ -53,6 +53,18 @@ def test_help_and_cfg(tmp_path: Path) -> None:
     assert res.returncode == 0 and "lr: 0.01" in res.stdout and "max_epochs" in res.stdout
 
 
+def test_hydra_mode_set_on_the_command_line_decides_run_or_sweep(tmp_path: Path) -> None:
+    """The CLI answers Hydra's ``get_mode`` from preflight's composition (one composition less
+    per command): ``hydra.mode=MULTIRUN`` without ``-m`` is still a sweep, as Hydra makes it."""
+    res = run_cli([*TINY, "hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "sweep" / "multirun.yaml").is_file()
+    [summary] = [json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("summary.json")]
+    assert summary["status"] == "completed" and Path(summary["run_dir"]).name.startswith("0_")
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_ddp_two_processes_one_summary(tmp_path: Path) -> None:
     # 33 test images: the distributed sampler pads rank 1's share; the predictions are still the
     # split's 33 rows in its order (the labels are checked against it when they are written).
