@@ -126,8 +126,7 @@ def main() -> None:
                          f"{rates['resident']:.0f} resident", ""))
     print(f"\n{date.today()}  {figures['cpu']}, {os.cpu_count()} "
           f"cores, load average {load_start:.2f} at the start, {figures['load_avg_end']:.2f} at "
-          "the end" + ("" if max(load_start, figures["load_avg_end"]) < 1 else
-                       "  (NOT a quiet machine)"))
+          "the end (its own jobs)" + ("" if load_start < 1 else "  (NOT a quiet machine)"))
     width = max(len(r[0]) for r in rows)
     for name, value, goal in rows:
         print(f"  {name:<{width}}  {value:<28} {goal}")
